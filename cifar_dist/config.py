@@ -1,0 +1,243 @@
+"""The one config object: every setting of a run, its defaults, the presets and the recipes.
+
+A run's config is resolved in layers, each overriding the one before:
+dataclass defaults -> preset (architecture) -> recipe (training) -> `--config FILE.yaml` -> CLI flags.
+The resolved config is saved as `<output-dir>/config.yaml` and loads back with `--config`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cifar_dist.model import ModelSpec, SpecError, check_spec
+
+
+class ConfigError(ValueError):
+    """Bad input; the message is one line that names the problem."""
+
+
+def opt(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# Architectures. `seed2`/`seed3` are the tutorial's networks, exactly (conv bias included).
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed2": dict(stem_width=16, stem_pool="none", widths=[16, 32], blocks=[1, 1], strides=[1, 1],
+                  head="flatten", stride_conv="second", relu_after_add=False, conv_bias=True),
+    "seed3": dict(stem_width=32, stem_pool="avg", widths=[32, 64, 128], blocks=[1, 1, 1],
+                  strides=[1, 1, 2], head="flatten", stride_conv="second", relu_after_add=True,
+                  conv_bias=True),
+    "resnet18": dict(stem_width=64, stem_pool="none", widths=[64, 128, 256, 512], blocks=[2, 2, 2, 2],
+                     strides=[1, 2, 2, 2], head="gap", stride_conv="first", relu_after_add=True,
+                     conv_bias=False),
+}
+
+# Training recipes, as overrides of the Config defaults (the defaults are the `default` recipe).
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The tutorial's training, exactly: Adam 1e-3, batch 100, 20 epochs, no augmentation,
+    # ImageNet mean/std, no weight decay, no label smoothing, constant learning rate.
+    "tutorial": dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, crop_padding=0, flip="none",
+                     normalize="imagenet", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
+                     warmup=0.0),
+}
+
+
+@dataclass
+class Config:
+    preset: str = opt("seed3", f"architecture preset: {', '.join(PRESETS)}")
+    recipe: str = opt("default", f"training recipe: {', '.join(RECIPES)}")
+    model: ModelSpec = field(default_factory=ModelSpec)
+    # data
+    dataset: str = opt("cifar10", "cifar10 (from --data-dir) or synthetic (generated, for smoke runs)")
+    data_dir: str = opt("", "CIFAR-10 folder (binary or python layout); default $CIFAR10_DIR, then ./data")
+    download: bool = opt(False, "download CIFAR-10 into --data-dir with torchvision if missing")
+    train_subset: int = opt(0, "use only the first N training images (0: all)")
+    test_subset: int = opt(0, "use only the first N test images (0: all)")
+    val_size: int = opt(0, "hold out N training images (fixed by --seed) as a validation set")
+    crop_padding: int = opt(4, "random-crop augmentation: pad by N pixels then crop (0: off)")
+    flip: str = opt("random", "horizontal flips: none, random, alternate (flip each image every other epoch)")
+    normalize: str = opt("dataset", "normalisation: dataset (its own mean/std) or imagenet")
+    # optimisation
+    epochs: int = opt(20, "training epochs")
+    batch_size: int = opt(256, "GLOBAL batch size, split over processes and accumulation steps")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    optimizer: str = opt("sgd", "sgd (with --momentum/--nesterov) or adam (decoupled weight decay)")
+    lr: float = opt(0.1, "peak learning rate")
+    momentum: float = opt(0.9, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum for SGD")
+    weight_decay: float = opt(5e-4, "weight decay (not applied to BatchNorm and biases)")
+    head_lr_scale: float = opt(0.0, "lr multiplier of the final linear layer; 0: auto, min(1, 512 / its inputs) "
+                                    "for SGD (a flatten head's step grows with its fan-in), 1 for Adam")
+    label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss")
+    schedule: str = opt("onecycle", "lr schedule: constant, onecycle (linear warm-up, linear decay), cosine")
+    warmup: float = opt(0.15, "fraction of training spent warming up the learning rate")
+    # speed
+    mixed_precision: str = opt("", "no, bf16 or fp16 (GPU only); default: what accelerate launch says")
+    channels_last: bool = opt(True, "channels-last memory layout (faster convolutions)")
+    compile: bool = opt(False, "torch.compile the model")
+    eval_batch_size: int = opt(1000, "batch size for evaluation, per process")
+    # run
+    seed: int = opt(0, "random seed (weights, data order, augmentation)")
+    output_dir: str = opt("", "where results and checkpoints go; default runs/<preset>-<timestamp>")
+    keep_checkpoints: int = opt(2, "keep the last K epoch checkpoints")
+    log_every: int = opt(50, "update the progress bar every N steps (each update syncs the device)")
+
+
+CHOICES = dict(dataset=("cifar10", "synthetic"), flip=("none", "random", "alternate"),
+               normalize=("dataset", "imagenet"), optimizer=("sgd", "adam"),
+               schedule=("constant", "onecycle", "cosine"), mixed_precision=("", "no", "bf16", "fp16"),
+               preset=tuple(PRESETS), recipe=tuple(RECIPES))
+
+
+def check_config(cfg: Config) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; choose from "
+                              f"{', '.join(a for a in allowed if a)}")
+    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ConfigError(f"lr must be a positive number, got {cfg.lr}")
+    for name in ("weight_decay", "momentum", "warmup", "label_smoothing"):
+        value = getattr(cfg, name)
+        if not math.isfinite(value) or value < 0 or (name != "weight_decay" and value >= 1):
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if not math.isfinite(cfg.head_lr_scale) or cfg.head_lr_scale < 0:
+        raise ConfigError(f"head_lr_scale must be >= 0, got {cfg.head_lr_scale}")
+    for name in ("train_subset", "test_subset", "val_size", "crop_padding"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    try:
+        check_spec(cfg.model)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+
+
+# --- YAML and CLI ---------------------------------------------------------------------------
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings")
+    return data
+
+
+def _fields(cls: type) -> dict[str, tuple[Any, dict]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)}
+
+
+MODEL_FIELDS = _fields(ModelSpec)
+TOP_FIELDS = {k: v for k, v in _fields(Config).items() if k != "model"}
+
+
+def _apply(cfg: Config, overrides: dict[str, Any], source: str) -> None:
+    """Set fields from a flat or {model: {...}} mapping, type-checked."""
+    flat = dict(overrides)
+    flat.update(flat.pop("model", None) or {})
+    for key, value in flat.items():
+        key = key.replace("-", "_")
+        if key in TOP_FIELDS:
+            target, typ = cfg, TOP_FIELDS[key][0]
+        elif key in MODEL_FIELDS:
+            target, typ = cfg.model, MODEL_FIELDS[key][0]
+        else:
+            raise ConfigError(f"unknown setting {key!r} in {source}")
+        setattr(target, key, _coerce(value, typ, key, source))
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    try:
+        if typ is bool:
+            if isinstance(value, str):
+                return {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if typing.get_origin(typ) is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [int(x) for x in items if str(x).strip() != ""]
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (ValueError, TypeError, KeyError):
+        raise ConfigError(f"{key} in {source} must be {getattr(typ, '__name__', typ)}, got {value!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse adds usage)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Train a ResNet on CIFAR-10 (see README).",
+                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml); flags override it")
+    for name, (typ, meta) in {**TOP_FIELDS, **MODEL_FIELDS}.items():
+        flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        if typ is bool:
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                           help=meta.get("help") or MODEL_HELP.get(name))
+        else:
+            p.add_argument(*flags, dest=name, type=str, help=meta.get("help") or MODEL_HELP.get(name),
+                           metavar="N,N,..." if typing.get_origin(typ) is list else typ.__name__.upper())
+    return p
+
+
+MODEL_HELP = dict(
+    stem_width="channels of the stem conv", stem_kernel="kernel size of the stem conv",
+    stem_pool="pooling after the stem: none, avg or max (3x3, stride 2)",
+    widths="channels of each stage, e.g. 64,128,256", blocks="residual blocks per stage, e.g. 2,2,2",
+    strides="stride of each stage (1 or 2), e.g. 1,2,2", head="gap (global average pool) or flatten",
+    stride_conv="which conv of a block carries its stride: first or second",
+    relu_after_add="ReLU after each residual add", conv_bias="bias in convolutions",
+    num_classes="number of classes")
+
+
+def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """CLI args (and/or a dict, e.g. from a Tune trial) -> a checked Config."""
+    args = vars(build_parser().parse_args([] if argv is None else argv))
+    file_values = load_yaml(args.pop("config")) if "config" in args else {}
+    overrides = overrides or {}
+    layers = [(file_values, "the config file"), (overrides, "overrides"), (args, "the command line")]
+    preset, recipe = "seed3", "default"
+    for values, _ in layers:
+        preset, recipe = values.get("preset", preset), values.get("recipe", recipe)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+    cfg = Config(preset=preset, recipe=recipe)
+    _apply(cfg, PRESETS[preset], f"preset {preset}")
+    _apply(cfg, RECIPES[recipe], f"recipe {recipe}")
+    for values, source in layers:
+        _apply(cfg, values, source)
+    check_config(cfg)
+    return cfg

@@ -1,0 +1,264 @@
+"""CIFAR-10 as uint8 tensors on the training device, augmented there in batches.
+
+Reads the official binary layout (`cifar-10-batches-bin/`) or torchvision's python layout
+(`cifar-10-batches-py/`), validating every file; or generates a small synthetic set with a learnable
+class signal. No per-image PIL work: crops and flips are done on whole batches, on the device.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RECORD = 1 + 3 * 32 * 32  # binary layout: label byte + 3072 pixel bytes (R, G, B planes)
+PER_FILE = 10000
+TRAIN_FILES, TEST_FILES = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+
+
+class DataError(ValueError):
+    """Missing or malformed data; the message names the file."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+    def take(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    val: Split | None
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, in [0, 1]
+    std: tuple[float, ...]
+
+
+# --- reading files ------------------------------------------------------------------------------
+
+def read_bin(path: Path, records: int | None = PER_FILE) -> Split:
+    """One binary-layout batch file; `records=None` accepts any whole number of records."""
+    if not path.is_file():
+        raise DataError(f"missing CIFAR-10 file {path}")
+    size = path.stat().st_size
+    if (records is not None and size != records * RECORD) or size == 0 or size % RECORD:
+        want = f"{records * RECORD} bytes ({records} records of {RECORD})" if records else f"a multiple of {RECORD}"
+        raise DataError(f"{path} has {size} bytes, expected {want}: truncated or not CIFAR-10")
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, RECORD)
+    return _split(raw[:, 1:], raw[:, 0], path)
+
+
+def read_py(path: Path, records: int | None = PER_FILE) -> Split:
+    """One python-layout (pickled) batch file."""
+    if not path.is_file():
+        raise DataError(f"missing CIFAR-10 file {path}")
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        data = np.asarray(d[b"data"], dtype=np.uint8)
+        labels = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
+    except Exception as e:  # a truncated pickle fails in many ways
+        raise DataError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__})") from None
+    if data.ndim != 2 or data.shape[1] != RECORD - 1 or len(labels) != len(data):
+        raise DataError(f"{path} holds data of shape {data.shape} and {len(labels)} labels, expected (N, 3072)")
+    if records is not None and len(data) != records:
+        raise DataError(f"{path} has {len(data)} records, expected {records}: truncated or not CIFAR-10")
+    return _split(data, labels, path)
+
+
+def _split(pixels: np.ndarray, labels: np.ndarray, path: Path) -> Split:
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{path} has label {int(labels.max())}, outside 0..9: not CIFAR-10")
+    images = torch.from_numpy(np.ascontiguousarray(pixels).reshape(-1, 3, 32, 32))
+    return Split(images, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _cat(splits: list[Split]) -> Split:
+    return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
+
+
+def find_layout(root: Path) -> tuple[str, Path]:
+    """('bin' | 'py', folder of batch files) under root, or root itself."""
+    for layout, sub, probe in (("bin", "cifar-10-batches-bin", "data_batch_1.bin"),
+                               ("py", "cifar-10-batches-py", "data_batch_1")):
+        for folder in (root / sub, root):
+            if (folder / probe).exists():
+                return layout, folder
+    raise DataError(f"no CIFAR-10 in {root}: expected cifar-10-batches-bin/ or cifar-10-batches-py/ "
+                    "(pass --data-dir, set CIFAR10_DIR, or add --download)")
+
+
+def load_cifar10(root: Path, records: int | None = PER_FILE) -> tuple[Split, Split, list[str]]:
+    layout, folder = find_layout(root)
+    if layout == "bin":
+        train = _cat([read_bin(folder / f"{f}.bin", records) for f in TRAIN_FILES])
+        test = read_bin(folder / "test_batch.bin", records)
+        meta = folder / "batches.meta.txt"
+        classes = [c for c in meta.read_text().split() if c] if meta.exists() else CLASSES
+    else:
+        train = _cat([read_py(folder / f, records) for f in TRAIN_FILES])
+        test = read_py(folder / "test_batch", records)
+        classes = CLASSES
+    return train, test, classes if len(classes) == 10 else CLASSES
+
+
+def download(root: Path) -> None:
+    import torchvision  # the real download path; needs the internet
+
+    root.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+
+
+def synthetic(n_train: int = 2000, n_test: int = 500, seed: int = 1234) -> tuple[Split, Split, list[str]]:
+    """Ten classes, each a smooth random colour pattern, plus noise: learnable in an epoch or two."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32,
+                                                mode="bilinear", align_corners=False)
+
+    def make(n: int) -> Split:
+        labels = torch.arange(n) % 10
+        labels = labels[torch.randperm(n, generator=g)]
+        x = 128 + 50 * templates[labels] + 40 * torch.randn(n, 3, 32, 32, generator=g)
+        return Split(x.clamp(0, 255).to(torch.uint8), labels)
+
+    return make(n_train), make(n_test), [f"class{i}" for i in range(10)]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1], in chunks (the float copy of 50k images would be 600 MB)."""
+    s = torch.zeros(3, dtype=torch.float64)
+    s2 = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(5000):
+        x = chunk.to(torch.float64).div_(255)
+        s += x.sum((0, 2, 3))
+        s2 += (x * x).sum((0, 2, 3))
+    n = images.shape[0] * 32 * 32
+    mean = s / n
+    std = (s2 / n - mean**2).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def data_root(data_dir: str) -> Path:
+    return Path(data_dir or os.environ.get("CIFAR10_DIR") or "data").expanduser()
+
+
+def load_data(cfg) -> Data:
+    """The Data a Config asks for: dataset, subsets, validation hold-out, normalisation."""
+    if cfg.dataset == "synthetic":
+        train, test, classes = synthetic()
+    else:
+        root = data_root(cfg.data_dir)
+        if cfg.download:
+            try:
+                find_layout(root)
+            except DataError:
+                download(root)
+        train, test, classes = load_cifar10(root)
+    val = None
+    if cfg.val_size:
+        if cfg.val_size >= len(train):
+            raise DataError(f"val_size {cfg.val_size} leaves no training images (have {len(train)})")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+        val, train = train.take(perm[: cfg.val_size]), train.take(perm[cfg.val_size:])
+    if cfg.train_subset:
+        train = train.take(torch.arange(min(cfg.train_subset, len(train))))
+    if cfg.test_subset:
+        test = test.take(torch.arange(min(cfg.test_subset, len(test))))
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else channel_stats(train.images)
+    return Data(train, test, val, classes, mean, std)
+
+
+# --- batches on the device -----------------------------------------------------------------------
+
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """Same seed and epoch give the same data order on every rank and after every resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+
+
+def augment(images: torch.Tensor, padding: int, flip: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
+    """Random crop (zero padding then per-image shift) and given flips, for a uint8 batch."""
+    if padding:
+        n, c, h, w = images.shape
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        dy, dx = (torch.randint(0, 2 * padding + 1, (2, n), generator=g)).to(images.device)
+        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
+        chans = torch.arange(c, device=images.device)[None, :, None, None]
+        images = padded[torch.arange(n, device=images.device)[:, None, None, None], chans, rows, cols]
+    if flip is not None:
+        images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def flip_mask(mode: str, idx: torch.Tensor, epoch: int, seed: int, g: torch.Generator) -> torch.Tensor | None:
+    """Which images of a batch to flip. `alternate`: each image flips every other epoch, from a
+    random start, so over any two epochs it is seen both ways (fewer repeats than random flips)."""
+    if mode == "none":
+        return None
+    if mode == "random":
+        return torch.rand(len(idx), generator=g) < 0.5
+    return _flip_start(seed)[idx] ^ bool(epoch % 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _flip_start(seed: int, n: int = 60_000) -> torch.Tensor:
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 77)) < 0.5
+
+
+def train_batches(split: Split, cfg, epoch: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches for one epoch: uint8 images (augmented) and labels.
+
+    Every step consumes one GLOBAL batch of `cfg.batch_size` images from a permutation that is the
+    same on all ranks; rank r takes its own slice, so ranks see disjoint images. The last partial
+    global batch is dropped so every rank takes the same number of steps.
+    """
+    g = epoch_generator(cfg.seed, epoch)
+    perm = torch.randperm(len(split), generator=g)
+    aug_g = epoch_generator(cfg.seed, epoch, rank + 1)
+    per_rank = cfg.batch_size // world
+    micro = per_rank // cfg.grad_accum
+    for step in range(len(split) // cfg.batch_size):
+        mine = perm[step * cfg.batch_size + rank * per_rank:][:per_rank]
+        for m in mine.split(micro):
+            flip = flip_mask(cfg.flip, m, epoch, cfg.seed, aug_g)
+            m = m.to(split.images.device)
+            yield augment(split.images[m], cfg.crop_padding, flip, aug_g), split.labels[m]
+
+
+def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of an eval set: every image on exactly one rank, none padded or repeated."""
+    idx = torch.arange(rank, len(split), world, device=split.images.device)
+    for m in idx.split(batch_size):
+        yield split.images[m], split.labels[m]
+
+
+class Normalize(torch.nn.Module):
+    """uint8 batch -> normalised float batch on the device (channels-last when asked)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)

@@ -1,0 +1,318 @@
+"""Train a ResNet on CIFAR-10. Runs as `accelerate launch cifar_dist/train.py ...` (one or many
+processes, DDP, mixed precision) or `python -m cifar_dist.train ...`. Reads top to bottom:
+config -> accelerator -> output dir -> data -> model/optimizer -> resume -> epochs -> results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a script: the package comes from the install, not this folder
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from cifar_dist import data as D
+from cifar_dist.config import Config, ConfigError, resolve, save_yaml, load_yaml, to_dict
+from cifar_dist.model import build_model, count_params, model_bytes
+
+PROG = "cifar_dist.train"
+# Settings that make a run what it is: a directory holding a run with other values is refused.
+IDENTITY = ("model", "dataset", "train_subset", "val_size", "seed")
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class TrainState:
+    """What a checkpoint needs beyond model/optimizer/RNG: progress and the metrics so far."""
+
+    def __init__(self) -> None:
+        self.epoch, self.step, self.seconds, self.history = 0, 0, 0.0, []
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(epoch=self.epoch, step=self.step, seconds=self.seconds, history=self.history)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.epoch, self.step, self.seconds, self.history = d["epoch"], d["step"], d["seconds"], d["history"]
+
+
+# --- output directory --------------------------------------------------------------------------
+
+def output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """The run's directory (the same on every rank), refusing paths that would mix two runs."""
+    name = [cfg.output_dir or f"runs/{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"]
+    broadcast_object_list(name)  # ranks start at slightly different times
+    out = Path(name[0])
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output dir {out} is a file")
+    saved = out / "config.yaml"
+    if saved.exists():
+        old = load_yaml(saved)
+        new = to_dict(cfg)
+        diff = [k for k in IDENTITY if old.get(k) != new[k]]
+        if diff:
+            raise ConfigError(f"output dir {out} holds a run with another {', '.join(diff)}; "
+                              "use a new --output-dir (nothing was changed)")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"output dir {out} is not empty and holds no cifar-dist run (no config.yaml)")
+    return out
+
+
+def finished_summary(out: Path, cfg: Config) -> dict[str, Any] | None:
+    path = out / "summary.json"
+    if path.exists():
+        summary = json.loads(path.read_text())
+        if summary.get("epochs_completed", 0) >= cfg.epochs:
+            return summary
+    return None
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "checkpoints").glob("epoch-*") if not p.name.endswith(".tmp"))
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int, keep: int) -> None:
+    """Write epoch-N.tmp, then rename: a kill mid-save never leaves a half checkpoint as the latest."""
+    final = out / "checkpoints" / f"epoch-{epoch:04d}"
+    tmp = final.with_name(final.name + ".tmp")
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in checkpoints(out)[:-keep]:
+            for f in sorted(old.rglob("*"), reverse=True):
+                f.unlink() if f.is_file() else f.rmdir()
+            old.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl mirrors the checkpointed history: one line per completed epoch, never twice."""
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
+    tmp.replace(out / "metrics.jsonl")
+
+
+def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Load a checkpoint, keeping this config's optimiser settings (lr, weight decay, ...): the
+    command line wins, so a diverged run can be resumed with a lower --lr."""
+    wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ConfigError(f"checkpoint {path} does not fit this run "
+                          f"({str(e).splitlines()[0][:120]}); use a new --output-dir") from None
+    for group, settings in zip(optimizer.param_groups, wanted):
+        group.update(settings)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    for group, lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = lr * f(scheduler.last_epoch)
+
+
+# --- optimisation --------------------------------------------------------------------------------
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only (not BatchNorm or biases); the head's lr scaled."""
+    head = model.head[-1]
+    scale = cfg.head_lr_scale or (min(1.0, 512 / head.in_features) if cfg.optimizer == "sgd" else 1.0)
+    head_ids = {id(p) for p in head.parameters()}
+    groups = []
+    for is_head in (False, True):
+        for decay in (True, False):
+            params = [p for p in model.parameters() if (id(p) in head_ids) == is_head and (p.ndim > 1) == decay]
+            if params:
+                groups.append(dict(params=params, weight_decay=cfg.weight_decay if decay else 0.0,
+                                   lr=cfg.lr * (scale if is_head else 1.0)))
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           foreach=True)
+
+
+def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
+    warm = int(cfg.warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if cfg.schedule == "constant":
+            return 1.0
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 1.0 - t if cfg.schedule == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Config,
+             accelerator: Accelerator) -> tuple[float, float]:
+    """Loss and accuracy over a whole eval split, each image counted once across ranks."""
+    model.eval()
+    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss, correct, count
+    with torch.no_grad():
+        for x, y in D.eval_batches(split, cfg.eval_batch_size, accelerator.process_index, accelerator.num_processes):
+            logits = model(norm(x)).float()
+            sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
+                                 (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)]).double()
+    loss, correct, count = accelerator.reduce(sums, "sum").tolist()
+    model.train()
+    return loss / max(count, 1), correct / max(count, 1)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run `cfg` describes; returns its summary. The one training loop:
+    the CLI, Tune trials and SLURM jobs all come here."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                          f"({world} x {cfg.grad_accum})")
+    out = output_dir(cfg, accelerator)
+    if (done := finished_summary(out, cfg)) is not None:
+        accelerator.print(f"{out} already finished {done['epochs_completed']} epochs "
+                          f"(test acc {done['test_acc']:.2%}); nothing to do")
+        return done
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "config.yaml")
+
+    set_seed(cfg.seed)
+    data = D.load_data(cfg)
+    if len(data.train) < cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data.train)} images)")
+    device = accelerator.device
+    train_set, test_set = data.train.to(device), data.test.to(device)
+    val_set = data.val.to(device) if data.val is not None else None
+    norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(device)
+
+    model = build_model(cfg.model)
+    params, nbytes = count_params(model), model_bytes(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    optimizer = make_optimizer(cfg, model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    if ckpts := checkpoints(out):
+        resume(accelerator, ckpts[-1], optimizer, scheduler)
+        accelerator.print(f"resumed from {ckpts[-1]} (epoch {state.epoch})")
+    if accelerator.is_main_process:
+        write_metrics(out, state.history)
+        accelerator.print(f"{cfg.preset}: {params:,} parameters, {nbytes / 2**20:.2f} MB; {len(train_set):,} train / "
+                          f"{len(test_set):,} test images; {world} process(es) on {device.type}, "
+                          f"mixed precision {accelerator.mixed_precision}; output {out}")
+
+    for epoch in range(state.epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
+        for i, (x, y) in enumerate(D.train_batches(train_set, cfg, epoch, rank, world)):
+            with accelerator.accumulate(model):
+                logits = model(norm(x))
+                loss = criterion(logits, y)
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                    state.step += 1
+                optimizer.zero_grad(set_to_none=True)
+            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum(),
+                                 torch.tensor(len(y), device=device)]).double()
+            if accelerator.sync_gradients and (state.step % cfg.log_every == 0):
+                # one host sync every log_every steps, on every rank alike, so all stop together on NaN
+                current = accelerator.reduce(loss.detach(), "mean").item()
+                if not math.isfinite(current):
+                    raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {state.step}")
+                bar.set_postfix(loss=f"{current:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
+            if accelerator.sync_gradients:
+                bar.update(1)
+        bar.close()
+        loss_sum, correct, count = accelerator.reduce(sums, "sum").tolist()
+        train_seconds = time.perf_counter() - t0
+        if not math.isfinite(loss_sum):
+            raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
+        metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
+        if val_set is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(model, val_set, norm, cfg, accelerator)
+        metrics["test_loss"], metrics["test_acc"] = evaluate(model, test_set, norm, cfg, accelerator)
+        seconds = time.perf_counter() - t0
+        metrics.update(lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
+                       step=state.step)
+        state.epoch, state.seconds = epoch + 1, state.seconds + seconds
+        state.history.append(metrics)
+        save_checkpoint(accelerator, out, state.epoch, cfg.keep_checkpoints)
+        if accelerator.is_main_process:
+            write_metrics(out, state.history)
+        accelerator.print(
+            f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2%}"
+            + (f" | val acc {metrics['val_acc']:6.2%}" if "val_acc" in metrics else "")
+            + f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2%} | lr {metrics['lr']:.3g}"
+            f" | {metrics['images_per_second']:,.0f} img/s | {seconds:.1f}s")
+        if on_epoch is not None:
+            on_epoch(metrics, checkpoints(out)[-1])
+
+    digests = gather_object([weights_digest(model)])
+    summary = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg),
+                   test_acc=state.history[-1]["test_acc"], best_test_acc=max(m["test_acc"] for m in state.history),
+                   epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
+                   mixed_precision=accelerator.mixed_precision, device=device.type, total_seconds=state.seconds,
+                   rank_weight_digests=digests)
+    if "val_acc" in state.history[-1]:
+        summary["val_acc"] = state.history[-1]["val_acc"]
+    if accelerator.is_main_process:
+        accelerator.save(accelerator.get_state_dict(model), out / "model.pt")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.print(f"done: test acc {summary['test_acc']:.2%} (best {summary['best_test_acc']:.2%}) "
+                          f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {out}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: a clean exit for every rank
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        train(resolve(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, D.DataError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"{PROG}: error: {e}; stopped, the last good checkpoint is kept", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

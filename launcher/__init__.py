@@ -1,0 +1,1 @@
+"""Builds distributed launches (local and SLURM) of cifar_dist/train.py."""

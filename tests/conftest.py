@@ -1,0 +1,90 @@
+"""Shared helpers: run the real CLI in a subprocess, write small CIFAR-10 files."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small model and the synthetic dataset keep a training run to seconds on 2 CPU cores.
+TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1",
+        "--strides", "1,2", "--head", "gap", "--batch-size", "100", "--lr", "0.05", "--log-every", "5"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_", "SLURM_", "RAY_"))}
+    e.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline", **extra)
+    return e
+
+
+def run_train(args: list[str], cwd: Path, timeout: int = 240, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_dist.train", *args], cwd=cwd, env=env(**extra),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300,
+                      launch_flags: list[str] | None = None, **extra: str) -> subprocess.CompletedProcess:
+    """A real multi-process CPU launch (gloo DDP): ACCELERATE_USE_CPU with --multi_gpu, as the README says."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", *(launch_flags or []), str(ROOT / "cifar_dist" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(ACCELERATE_USE_CPU="1", **extra), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+
+
+def write_bin(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The official binary layout, n records per file: label byte + R, G, B planes."""
+    folder.mkdir(parents=True)
+    written = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        images, labels = make_images(n, i)
+        rec = np.concatenate([labels[:, None], images.reshape(n, -1)], axis=1)
+        (folder / f"{name}.bin").write_bytes(rec.tobytes())
+        written[name] = (images, labels)
+    (folder / "batches.meta.txt").write_text("\n".join(
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]) + "\n")
+    return written
+
+
+def write_py(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """torchvision's python layout: pickled dicts with b'data' (N, 3072) and b'labels'."""
+    folder.mkdir(parents=True)
+    written = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        images, labels = make_images(n, 100 + i)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": images.reshape(n, -1), b"labels": labels.tolist()}, f)
+        written[name] = (images, labels)
+    return written
+
+
+@pytest.fixture
+def tiny_args() -> list[str]:
+    return list(TINY)

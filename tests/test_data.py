@@ -1,0 +1,122 @@
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_dist import data as D
+from conftest import write_bin, write_py
+
+
+@pytest.mark.parametrize("layout, writer", [("cifar-10-batches-bin", write_bin), ("cifar-10-batches-py", write_py)])
+def test_loaders_round_trip_pixels_and_labels(tmp_path, layout, writer):
+    written = writer(tmp_path / layout, n=20)
+    train, test, classes = D.load_cifar10(tmp_path, records=20)
+    images = np.concatenate([written[f"data_batch_{k}"][0] for k in range(1, 6)])
+    labels = np.concatenate([written[f"data_batch_{k}"][1] for k in range(1, 6)])
+    assert train.images.dtype == torch.uint8 and train.images.shape == (100, 3, 32, 32)
+    assert np.array_equal(train.images.numpy(), images)
+    assert np.array_equal(train.labels.numpy(), labels)
+    assert np.array_equal(test.images.numpy(), written["test_batch"][0])
+    assert np.array_equal(test.labels.numpy(), written["test_batch"][1])
+    assert classes[0] == "airplane" and len(classes) == 10
+
+
+def test_truncated_binary_file_is_rejected_by_name(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    write_bin(folder, n=20)
+    path = folder / "data_batch_3.bin"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(D.DataError, match="data_batch_3.bin has 61360 bytes"):
+        D.load_cifar10(tmp_path, records=20)
+    with pytest.raises(D.DataError, match="data_batch_1.bin has 61460 bytes, expected 30730000"):
+        D.load_cifar10(tmp_path)  # the official size is the default expectation
+
+
+def test_truncated_python_file_and_bad_labels(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_py(folder, n=20)
+    path = folder / "test_batch"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(D.DataError, match="test_batch is not a readable"):
+        D.load_cifar10(tmp_path, records=20)
+    rec = np.zeros((3, D.RECORD), dtype=np.uint8)
+    rec[1, 0] = 12
+    (tmp_path / "bad.bin").write_bytes(rec.tobytes())
+    with pytest.raises(D.DataError, match="label 12"):
+        D.read_bin(tmp_path / "bad.bin", records=None)
+
+
+def test_missing_data_names_the_folder_and_the_file(tmp_path):
+    with pytest.raises(D.DataError, match="no CIFAR-10 in"):
+        D.load_cifar10(tmp_path)
+    write_bin(tmp_path / "cifar-10-batches-bin", n=5)
+    (tmp_path / "cifar-10-batches-bin" / "data_batch_4.bin").unlink()
+    with pytest.raises(D.DataError, match="missing CIFAR-10 file .*data_batch_4.bin"):
+        D.load_cifar10(tmp_path, records=5)
+
+
+def test_synthetic_is_balanced_and_deterministic():
+    a, b = D.synthetic()[0], D.synthetic()[0]
+    assert torch.equal(a.images, b.images) and a.images.dtype == torch.uint8
+    assert torch.bincount(a.labels).tolist() == [200] * 10
+
+
+def cfg(**kw):
+    base = dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random")
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_augment_keeps_shape_dtype_labels_and_content():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    out = D.augment(images, 4, None, g)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, images)  # shifted
+    flipped = D.augment(images, 0, torch.ones(16, dtype=torch.bool), g)
+    assert torch.equal(flipped, images.flip(-1))
+    # every crop is a window of the zero-padded image
+    padded = torch.nn.functional.pad(images, (4,) * 4)
+    for i in range(16):
+        windows = padded[i].unfold(1, 32, 1).unfold(2, 32, 1)  # (3, 9, 9, 32, 32)
+        assert any(torch.equal(windows[:, a, b], out[i]) for a in range(9) for b in range(9))
+
+
+def test_train_batches_keep_labels_with_their_images():
+    split = D.Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 32, 32).contiguous(),
+                    torch.arange(100))
+    for x, y in D.train_batches(split, cfg(crop_padding=0), epoch=0, rank=0, world=1):
+        assert torch.equal(x[:, 0, 0, 0].long(), y)
+
+
+def test_ranks_get_disjoint_shards_and_eval_counts_each_image_once():
+    split = D.Split(torch.zeros(103, 3, 32, 32, dtype=torch.uint8), torch.arange(103))
+    seen = [torch.cat([y for _, y in D.train_batches(split, cfg(), 0, r, 2)]) for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 40  # 2 steps of 40 global, 20 per rank
+    assert not set(seen[0].tolist()) & set(seen[1].tolist())
+    shards = [torch.cat([y for _, y in D.eval_batches(split, 7, r, 3)]) for r in range(3)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(103))
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    split = D.Split(torch.zeros(200, 3, 32, 32, dtype=torch.uint8), torch.arange(200))
+    order = lambda e, s=0: torch.cat([y for _, y in D.train_batches(split, cfg(seed=s), e, 0, 1)])
+    assert torch.equal(order(3), order(3))
+    assert not torch.equal(order(3), order(4)) and not torch.equal(order(3), order(3, s=1))
+
+
+def test_alternating_flip_alternates():
+    idx = torch.arange(500)
+    g = torch.Generator().manual_seed(0)
+    masks = [D.flip_mask("alternate", idx, e, seed=0, g=g) for e in range(4)]
+    assert 150 < int(masks[0].sum()) < 350
+    assert torch.equal(masks[1], ~masks[0]) and torch.equal(masks[2], masks[0]) and torch.equal(masks[3], ~masks[0])
+    assert D.flip_mask("none", idx, 0, 0, g) is None
+
+
+def test_validation_split_is_fixed_by_seed_and_disjoint():
+    c = SimpleNamespace(dataset="synthetic", val_size=300, seed=5, train_subset=0, test_subset=0, normalize="dataset")
+    a, b = D.load_data(c), D.load_data(c)
+    assert len(a.val) == 300 and len(a.train) == 1700
+    assert torch.equal(a.val.images, b.val.images)
+    assert abs(a.mean[0] - a.train.images[:, 0].float().mean().item() / 255) < 1e-4

@@ -1,0 +1,150 @@
+"""The real CLI, in subprocesses: outputs, resume after SIGKILL, bad input, divergence."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import env, metrics, run_train, summary, write_bin
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_one_epoch_synthetic_run_writes_sane_results(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    r = run_train([*tiny_args, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "epoch   1/2 | train loss" in r.stdout and "img/s" in r.stdout
+    rows = metrics(out)
+    assert [m["epoch"] for m in rows] == [1, 2]
+    for m in rows:
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_second"):
+            assert key in m and m[key] == m[key]  # present and not NaN
+        assert 0 <= m["test_acc"] <= 1 and m["images_per_second"] > 0
+    assert rows[1]["test_acc"] > 0.3  # the synthetic classes are learnable: chance is 0.1
+    s = summary(out)
+    assert s["epochs_completed"] == 2 and s["world_size"] == 1 and s["test_acc"] == rows[1]["test_acc"]
+    assert s["best_test_acc"] == max(m["test_acc"] for m in rows)
+    assert s["params"] > 0 and s["model_bytes"] > 0 and s["mixed_precision"] == "no" and s["total_seconds"] > 0
+    assert (out / "model.pt").is_file() and (out / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    # the saved config trains again as is: same run, already finished
+    again = run_train(["--config", str(out / "config.yaml")], tmp_path)
+    assert again.returncode == 0 and "already finished 2 epochs" in again.stdout
+    assert metrics(out) == rows
+
+
+def test_bf16_and_keep_last_checkpoints(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    r = run_train([*tiny_args, "--epochs", "3", "--keep-checkpoints", "1", "--mixed-precision", "bf16",
+                   "--train-subset", "500", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert summary(out)["mixed_precision"] == "bf16"
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0003"]
+
+
+def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, tiny_args):
+    args = [*tiny_args, "--epochs", "5", "--train-subset", "1000"]
+    ref = tmp_path / "ref"
+    assert run_train([*args, "--output-dir", str(ref)], tmp_path).returncode == 0
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "epoch-0002").exists() and not (out / "summary.json").exists()
+    r = run_train([*args, "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    rows = metrics(out)
+    assert [m["epoch"] for m in rows] == [1, 2, 3, 4, 5]  # every epoch exactly once
+    # the interrupted run ends exactly where the uninterrupted one does
+    assert summary(out)["rank_weight_digests"] == summary(ref)["rank_weight_digests"]
+    assert rows[-1]["test_acc"] == metrics(ref)[-1]["test_acc"]
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert any(text in line for line in lines), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--preset", "resnet99"], "unknown preset 'resnet99'"),
+    (["--epochs", "0"], "epochs must be positive"),
+    (["--batch-size", "0"], "batch_size must be positive"),
+    (["--lr", "-1"], "lr must be a positive number"),
+    (["--lr", "nan"], "lr must be a positive number, got nan"),
+    (["--widths", "8,16,32", "--blocks", "1,1"], "same length"),
+    (["--blocks", "0,1,1"], "at least one block"),
+    (["--batch-size", "5000"], "larger than the training set"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, text):
+    r = run_train(["--dataset", "synthetic", "--output-dir", str(tmp_path / "o"), *args], tmp_path)
+    assert_one_line_error(r, text)
+
+
+def test_missing_and_truncated_data(tmp_path):
+    r = run_train(["--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")], tmp_path)
+    assert_one_line_error(r, "no CIFAR-10 in")
+    write_bin(tmp_path / "d" / "cifar-10-batches-bin", n=3)
+    r = run_train(["--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o")], tmp_path)
+    assert_one_line_error(r, "data_batch_1.bin has 9219 bytes, expected 30730000")
+    r = run_train(["--output-dir", str(tmp_path / "o")], tmp_path, CIFAR10_DIR=str(tmp_path / "d"))
+    assert_one_line_error(r, "data_batch_1.bin has 9219 bytes")  # $CIFAR10_DIR is the default
+
+
+def test_output_path_that_is_a_file_is_refused_untouched(tmp_path, tiny_args):
+    target = tmp_path / "results.txt"
+    target.write_text("precious")
+    r = run_train([*tiny_args, "--output-dir", str(target)], tmp_path)
+    assert_one_line_error(r, "is a file")
+    assert target.read_text() == "precious"
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("mine\n")
+    r = run_train([*tiny_args, "--output-dir", str(other)], tmp_path)
+    assert_one_line_error(r, "holds no cifar-dist run")
+    assert (other / "metrics.jsonl").read_text() == "mine\n"
+
+
+def test_other_architecture_or_dataset_in_a_run_dir_is_refused(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = run_train([*tiny_args, "--widths", "8,32", "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    assert_one_line_error(r, "holds a run with another model")
+    r = run_train([*tiny_args, "--dataset", "cifar10", "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    assert_one_line_error(r, "another dataset")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["model"]["widths"] = [8, 32]  # someone edited the saved config: the checkpoint no longer fits
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_train(["--config", str(out / "config.yaml"), "--epochs", "2"], tmp_path)
+    assert_one_line_error(r, "does not fit this run")
+    assert (out / "checkpoints" / "epoch-0001").is_dir() and len(metrics(out)) == 1
+
+
+def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
+    r = run_train([*tiny_args, "--epochs", "3", "--lr", "1e30", "--output-dir", str(out)], tmp_path)
+    # a new lr is not part of the run's identity, so this resumes epoch 1 and then blows up
+    assert r.returncode == 3, r.stderr
+    assert "training loss is nan" in r.stderr.lower() or "training loss is inf" in r.stderr.lower()
+    assert "Traceback" not in r.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]
+    assert [m["epoch"] for m in metrics(out)] == [1]
