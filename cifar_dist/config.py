@@ -49,7 +49,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # ImageNet mean/std, no weight decay, no label smoothing, constant learning rate.
     "tutorial": dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, crop_padding=0, flip="none",
                      normalize="imagenet", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
-                     warmup=0.0),
+                     warmup=0.0, tta="none"),
 }
 
 
@@ -73,10 +73,10 @@ class Config:
     batch_size: int = opt(256, "GLOBAL batch size, split over processes and accumulation steps")
     grad_accum: int = opt(1, "gradient accumulation steps")
     optimizer: str = opt("sgd", "sgd (with --momentum/--nesterov) or adam (decoupled weight decay)")
-    lr: float = opt(0.1, "peak learning rate")
+    lr: float = opt(0.2, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
-    weight_decay: float = opt(5e-4, "weight decay (not applied to BatchNorm and biases)")
+    weight_decay: float = opt(1e-3, "weight decay (not applied to BatchNorm and biases)")
     head_lr_scale: float = opt(0.0, "lr multiplier of the final linear layer; 0: auto, min(1, 512 / its inputs) "
                                     "for SGD (a flatten head's step grows with its fan-in), 1 for Adam")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss")
@@ -86,6 +86,8 @@ class Config:
     mixed_precision: str = opt("", "no, bf16 or fp16 (GPU only); default: what accelerate launch says")
     channels_last: bool = opt(True, "channels-last memory layout (faster convolutions)")
     compile: bool = opt(False, "torch.compile the model")
+    tta: str = opt("flip", "test-time augmentation at evaluation: none, flip (average with the mirror image), "
+                           "flip-translate (also 1-pixel shifts)")
     eval_batch_size: int = opt(1000, "batch size for evaluation, per process")
     # run
     seed: int = opt(0, "random seed (weights, data order, augmentation)")
@@ -94,7 +96,8 @@ class Config:
     log_every: int = opt(50, "update the progress bar every N steps (each update syncs the device)")
 
 
-CHOICES = dict(dataset=("cifar10", "synthetic"), flip=("none", "random", "alternate"),
+CHOICES = dict(dataset=("cifar10", "synthetic"), tta=("none", "flip", "flip-translate"),
+               flip=("none", "random", "alternate"),
                normalize=("dataset", "imagenet"), optimizer=("sgd", "adam"),
                schedule=("constant", "onecycle", "cosine"), mixed_precision=("", "no", "bf16", "fp16"),
                preset=tuple(PRESETS), recipe=tuple(RECIPES))

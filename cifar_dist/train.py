@@ -164,12 +164,27 @@ def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Con
     sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss, correct, count
     with torch.no_grad():
         for x, y in D.eval_batches(split, cfg.eval_batch_size, accelerator.process_index, accelerator.num_processes):
-            logits = model(norm(x)).float()
+            logits = predict(model, norm(x), cfg.tta)
             sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
                                  (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)]).double()
     loss, correct, count = accelerator.reduce(sums, "sum").tolist()
     model.train()
     return loss / max(count, 1), correct / max(count, 1)
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits, averaged over test-time augmentations: the mirror image, and 1-pixel shifts."""
+    logits = model(x).float()
+    if tta == "none":
+        return logits
+    logits = logits + model(x.flip(-1)).float()
+    if tta == "flip-translate":
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = model(padded[..., :h, :w]).float() + model(padded[..., 2:, 2:]).float()
+        logits = logits + 0.5 * shifted
+        return logits / 3
+    return logits / 2
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -293,7 +308,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     if "val_acc" in state.history[-1]:
         summary["val_acc"] = state.history[-1]["val_acc"]
     if accelerator.is_main_process:
-        accelerator.save(accelerator.get_state_dict(model), out / "model.pt")
+        weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
+        accelerator.save(weights, out / "model.pt")  # CPU tensors: loads anywhere
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         accelerator.print(f"done: test acc {summary['test_acc']:.2%} (best {summary['best_test_acc']:.2%}) "
                           f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {out}")

@@ -54,3 +54,18 @@ def test_invalid_specs_are_named(spec, message):
         check_spec(spec)
     with pytest.raises(SpecError):
         build_model(spec)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip-translate"])
+def test_tta_keeps_prediction_shape_and_flip_is_mirror_invariant(tta):
+    from cifar_dist.train import predict
+
+    torch.manual_seed(0)
+    model = build_model(resolve(["--preset", "seed2"]).model).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = predict(model, x, tta)
+        assert out.shape == (4, 10)
+        if tta == "flip":  # averaging with the mirror image makes the prediction mirror-invariant
+            assert torch.allclose(out, predict(model, x.flip(-1), tta), atol=1e-5)
+            assert not torch.allclose(out, model(x), atol=1e-4)

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Accuracy of the presets on real CIFAR-10, on one GPU: every run goes through `accelerate launch`,
+# several at once (these small nets leave a GPU mostly idle, so concurrent runs share it; per-run
+# images/s are therefore lower than a run alone would get). Usage:
+#   CIFAR10_DIR=/path/to/cifar10 OUT=/tmp/out bash bench/gpu_core.sh
+set -u
+OUT=${OUT:-/tmp/gpu_core}; mkdir -p "$OUT"; RUNS=${RUNS:-/tmp/gpu_runs}; mkdir -p "$RUNS"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+launch() {  # name, mixed precision, train.py args...
+  local name=$1 mp=$2; shift 2
+  timeout ${JOB_TIMEOUT:-480} accelerate launch --num_processes 1 --num_machines 1 --mixed_precision "$mp" \
+    --dynamo_backend no cifar_dist/train.py --output-dir "$RUNS/$name" "$@" > "$RUNS/$name.log" 2>&1
+  echo "$name exit $?" >> "$OUT/log.txt"
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/log.txt"
+python3 -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)" >> "$OUT/log.txt"
+start=$(date +%s)
+if [ -n "${SWEEP:-}" ]; then  # SWEEP="name:args;name:args" runs those instead of the presets
+  IFS=';' read -ra jobs <<< "$SWEEP"
+  for job in "${jobs[@]}"; do launch "${job%%:*}" bf16 ${job#*:} & done
+else
+launch seed3-default-lr0.05 bf16 --preset seed3 --lr 0.05 &
+launch seed3-default-lr0.1 bf16 --preset seed3 --lr 0.1 &
+launch seed3-default-lr0.2 bf16 --preset seed3 --lr 0.2 &
+launch seed3-tutorial no --preset seed3 --recipe tutorial &
+launch seed2-default-lr0.1 bf16 --preset seed2 --lr 0.1 &
+launch seed2-tutorial no --preset seed2 --recipe tutorial &
+launch resnet18-default-lr0.1 bf16 --preset resnet18 --lr 0.1 &
+fi
+wait
+echo "all runs: $(( $(date +%s) - start )) s wall" >> "$OUT/log.txt"
+python3 - "$RUNS" "$OUT" <<'PY'
+import json, sys, shutil
+from pathlib import Path
+runs, out = Path(sys.argv[1]), Path(sys.argv[2])
+results = {}
+for d in sorted(p for p in runs.iterdir() if p.is_dir()):
+    r = {"metrics": [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()] if (d / "metrics.jsonl").exists() else []}
+    if (d / "summary.json").exists():
+        r["summary"] = json.loads((d / "summary.json").read_text())
+    r["log_tail"] = (runs / f"{d.name}.log").read_text()[-1500:]
+    results[d.name] = r
+    s = r.get("summary")
+    print(f"{d.name:28s}", f"test {s['test_acc']:.2%} best {s['best_test_acc']:.2%} epochs {s['epochs_completed']} {s['total_seconds']:.0f}s" if s else "NO SUMMARY")
+(out / "results.json").write_text(json.dumps(results, indent=1))
+for name in [d.name for d in sorted(runs.iterdir()) if d.is_dir()][:6]:
+    if (runs / name / "model.pt").exists():
+        shutil.copy(runs / name / "model.pt", out / f"{name}.pt")
+PY
