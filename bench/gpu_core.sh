@@ -19,13 +19,11 @@ if [ -n "${SWEEP:-}" ]; then  # SWEEP="name:args;name:args" runs those instead o
   IFS=';' read -ra jobs <<< "$SWEEP"
   for job in "${jobs[@]}"; do launch "${job%%:*}" bf16 ${job#*:} & done
 else
-launch seed3-default-lr0.05 bf16 --preset seed3 --lr 0.05 &
-launch seed3-default-lr0.1 bf16 --preset seed3 --lr 0.1 &
-launch seed3-default-lr0.2 bf16 --preset seed3 --lr 0.2 &
+for seed in 0 1 2 3 4; do launch seed3-default-s$seed bf16 --preset seed3 --seed $seed & done
+launch seed2-default bf16 --preset seed2 &
+launch resnet18-default bf16 --preset resnet18 &
 launch seed3-tutorial no --preset seed3 --recipe tutorial &
-launch seed2-default-lr0.1 bf16 --preset seed2 --lr 0.1 &
 launch seed2-tutorial no --preset seed2 --recipe tutorial &
-launch resnet18-default-lr0.1 bf16 --preset resnet18 --lr 0.1 &
 fi
 wait
 echo "all runs: $(( $(date +%s) - start )) s wall" >> "$OUT/log.txt"
