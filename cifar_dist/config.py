@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from cifar_dist import tracking
 from cifar_dist.model import ModelSpec, SpecError, check_spec
 
 
@@ -89,6 +90,12 @@ class Config:
     tta: str = opt("flip", "test-time augmentation at evaluation: none, flip (average with the mirror image), "
                            "flip-translate (also 1-pixel shifts)")
     eval_batch_size: int = opt(1000, "batch size for evaluation, per process")
+    # tracking and pictures
+    tracker: str = opt("none", "none, wandb, tensorboard or wandb,tensorboard (main process only)")
+    run_name: str = opt("", "tracker run name; default: the output directory's name")
+    group: str = opt("", "tracker group (a Tune search or a SLURM job groups its runs)")
+    feature_maps_every: int = opt(0, "log and save feature maps every N epochs (0: only at the end)")
+    feature_channels: int = opt(8, "channels per layer shown in the feature-map grids")
     # run
     seed: int = opt(0, "random seed (weights, data order, augmentation)")
     output_dir: str = opt("", "where results and checkpoints go; default runs/<preset>-<timestamp>")
@@ -108,7 +115,8 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; choose from "
                               f"{', '.join(a for a in allowed if a)}")
-    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every"):
+    for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every",
+                 "feature_channels"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
@@ -119,7 +127,11 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
     if not math.isfinite(cfg.head_lr_scale) or cfg.head_lr_scale < 0:
         raise ConfigError(f"head_lr_scale must be >= 0, got {cfg.head_lr_scale}")
-    for name in ("train_subset", "test_subset", "val_size", "crop_padding"):
+    try:
+        tracking.parse(cfg.tracker)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for name in ("train_subset", "test_subset", "val_size", "crop_padding", "feature_maps_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     try:

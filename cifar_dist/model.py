@@ -121,3 +121,30 @@ def count_params(model: nn.Module) -> int:
 
 def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@torch.no_grad()
+def summarize(model: nn.Module, input_size: int = 32) -> str:
+    """Per layer: output shape and parameters; then the totals (a torchinfo-style table)."""
+    rows: list[tuple[str, str, str, int]] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if name and (not list(m.children()) or isinstance(m, Block)) and not isinstance(m, nn.Identity):
+            own = sum(p.numel() for p in m.parameters())  # a Block's row sums the layers above it
+            kind = "Block (sum)" if isinstance(m, Block) else type(m).__name__
+            hooks.append(m.register_forward_hook(
+                lambda _m, _i, o, n=name, k=kind, own=own: rows.append((n, k, str(tuple(o.shape[1:])), own))))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    width = max(len(r[0]) for r in rows) + 2
+    lines = [f"{'layer':{width}}{'type':18}{'output shape':18}{'params':>12}", "-" * (width + 48)]
+    lines += [f"{n:{width}}{t:18}{s:18}{p:>12,}" for n, t, s, p in rows]
+    lines += ["-" * (width + 48), f"total parameters: {count_params(model):,}",
+              f"size: {model_bytes(model) / 2**20:.2f} MB (parameters and buffers)"]
+    return "\n".join(lines)

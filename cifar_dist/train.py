@@ -24,8 +24,10 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from cifar_dist import data as D
+from cifar_dist import features as F
+from cifar_dist import tracking
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, load_yaml, to_dict
-from cifar_dist.model import build_model, count_params, model_bytes
+from cifar_dist.model import build_model, count_params, model_bytes, summarize
 
 PROG = "cifar_dist.train"
 # Settings that make a run what it is: a directory holding a run with other values is refused.
@@ -158,18 +160,22 @@ def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
 
 
 def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Config,
-             accelerator: Accelerator) -> tuple[float, float]:
-    """Loss and accuracy over a whole eval split, each image counted once across ranks."""
+             accelerator: Accelerator) -> tuple[float, float, torch.Tensor]:
+    """Loss, accuracy and confusion matrix (rows: true class) over a whole eval split, each image
+    counted once across ranks."""
     model.eval()
-    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # loss, correct, count
+    k = cfg.model.num_classes
+    loss = torch.zeros(1, device=accelerator.device, dtype=torch.float64)
+    confusion = torch.zeros(k * k, device=accelerator.device, dtype=torch.float64)
     with torch.no_grad():
         for x, y in D.eval_batches(split, cfg.eval_batch_size, accelerator.process_index, accelerator.num_processes):
             logits = predict(model, norm(x), cfg.tta)
-            sums += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum"),
-                                 (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=y.device)]).double()
-    loss, correct, count = accelerator.reduce(sums, "sum").tolist()
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
+            confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k).double()
+    loss, confusion = accelerator.reduce(torch.cat([loss, confusion]), "sum").split([1, k * k])
     model.train()
-    return loss / max(count, 1), correct / max(count, 1)
+    count = confusion.sum().item()
+    return loss.item() / max(count, 1), confusion.view(k, k).diagonal().sum().item() / max(count, 1), confusion.view(k, k)
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -187,6 +193,15 @@ def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch
     return logits / 2
 
 
+def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch.nn.Module, images: torch.Tensor,
+                     cfg: Config, out: Path, tag: str, step: int) -> None:
+    """Main process only: feature-map grids of the stem and every block, as PNGs and to the trackers."""
+    grids = F.feature_maps(accelerator.unwrap_model(model), images, cfg.feature_channels)
+    for name, grid in grids.items():
+        F.save_png(grid, out / "feature_maps" / tag / f"{name}.png")
+    tracking.log_images(accelerator, trackers, {f"features/{k}": v for k, v in grids.items()}, step)
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for p in model.parameters():
@@ -199,7 +214,9 @@ def weights_digest(model: torch.nn.Module) -> str:
 def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop:
     the CLI, Tune trials and SLURM jobs all come here."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum)
+    trackers = tracking.parse(cfg.tracker)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=trackers or None, project_dir=cfg.output_dir or "runs")
     world, rank = accelerator.num_processes, accelerator.process_index
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
@@ -242,8 +259,17 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     if ckpts := checkpoints(out):
         resume(accelerator, ckpts[-1], optimizer, scheduler)
         accelerator.print(f"resumed from {ckpts[-1]} (epoch {state.epoch})")
+    tracking.start(accelerator, trackers, to_dict(cfg), out, state.step, cfg.run_name, cfg.group)
+    probe = test_set.take(torch.arange(min(4, len(test_set))))  # the same images every time
     if accelerator.is_main_process:
         write_metrics(out, state.history)
+        table = summarize(accelerator.unwrap_model(model))
+        (out / "model_summary.txt").write_text(table + "\n")
+        accelerator.print(table)
+        samples = test_set.take(torch.arange(min(16, len(test_set))))
+        pictures = {"samples": F.sample_grid(samples.images, samples.labels, data.classes)}
+        F.save_png(pictures["samples"], out / "samples.png")
+        tracking.log_images(accelerator, trackers, pictures, state.step)
         accelerator.print(f"{cfg.preset}: {params:,} parameters, {nbytes / 2**20:.2f} MB; {len(train_set):,} train / "
                           f"{len(test_set):,} test images; {world} process(es) on {device.type}, "
                           f"mixed precision {accelerator.mixed_precision}; output {out}")
@@ -272,6 +298,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
                 if not math.isfinite(current):
                     raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {state.step}")
                 bar.set_postfix(loss=f"{current:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
+                accelerator.log({"train/step_loss": current, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
             if accelerator.sync_gradients:
                 bar.update(1)
         bar.close()
@@ -281,16 +308,22 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
             raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
         metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
         if val_set is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(model, val_set, norm, cfg, accelerator)
-        metrics["test_loss"], metrics["test_acc"] = evaluate(model, test_set, norm, cfg, accelerator)
+            metrics["val_loss"], metrics["val_acc"], _ = evaluate(model, val_set, norm, cfg, accelerator)
+        metrics["test_loss"], metrics["test_acc"], confusion = evaluate(model, test_set, norm, cfg, accelerator)
         seconds = time.perf_counter() - t0
         metrics.update(lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
                        step=state.step)
         state.epoch, state.seconds = epoch + 1, state.seconds + seconds
         state.history.append(metrics)
         save_checkpoint(accelerator, out, state.epoch, cfg.keep_checkpoints)
+        accelerator.log({f"{k.replace('_', '/', 1)}" if k.startswith(("train_", "val_", "test_")) else k: v
+                         for k, v in metrics.items() if k != "step"}, step=state.step)
         if accelerator.is_main_process:
             write_metrics(out, state.history)
+            F.save_png(F.curves_figure(state.history), out / "curves.png")
+            if cfg.feature_maps_every and state.epoch % cfg.feature_maps_every == 0 and state.epoch < cfg.epochs:
+                log_feature_maps(accelerator, trackers, model, norm(probe.images), cfg, out, f"epoch-{state.epoch:04d}",
+                                 state.step)
         accelerator.print(
             f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2%}"
             + (f" | val acc {metrics['val_acc']:6.2%}" if "val_acc" in metrics else "")
@@ -299,12 +332,22 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(out)[-1])
 
+    _, _, confusion = evaluate(model, test_set, norm, cfg, accelerator)
+    confusion = confusion.long().cpu().numpy()
+    per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(data.classes)}
+    if accelerator.is_main_process:
+        log_feature_maps(accelerator, trackers, model, norm(probe.images), cfg, out, "final", state.step)
+        pictures = {"confusion_matrix": F.confusion_figure(confusion, data.classes)}
+        F.save_png(pictures["confusion_matrix"], out / "confusion_matrix.png")
+        tracking.log_images(accelerator, trackers, pictures, state.step)
+        accelerator.log({f"test/acc_{c}": a for c, a in per_class.items()}, step=state.step)
     digests = gather_object([weights_digest(model)])
     summary = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg),
                    test_acc=state.history[-1]["test_acc"], best_test_acc=max(m["test_acc"] for m in state.history),
                    epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
                    mixed_precision=accelerator.mixed_precision, device=device.type, total_seconds=state.seconds,
-                   rank_weight_digests=digests)
+                   rank_weight_digests=digests, per_class_test_acc=per_class,
+                   normalization=dict(mean=list(data.mean), std=list(data.std)))
     if "val_acc" in state.history[-1]:
         summary["val_acc"] = state.history[-1]["val_acc"]
     if accelerator.is_main_process:

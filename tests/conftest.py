@@ -17,10 +17,12 @@ TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--bl
         "--strides", "1,2", "--head", "gap", "--batch-size", "100", "--lr", "0.05", "--log-every", "5"]
 
 
-def env(**extra: str) -> dict[str, str]:
+def env(**extra: str | None) -> dict[str, str]:
+    """A clean environment for a subprocess; extra values of None unset a variable."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_", "SLURM_", "RAY_"))}
-    e.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline", **extra)
-    return e
+    e.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", WANDB_MODE="offline")
+    e.update(extra)
+    return {k: v for k, v in e.items() if v is not None}
 
 
 def run_train(args: list[str], cwd: Path, timeout: int = 240, **extra: str) -> subprocess.CompletedProcess:

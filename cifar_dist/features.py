@@ -1,0 +1,126 @@
+"""What the network sees: feature maps of the stem and every residual block, input samples, and
+the confusion matrix. Every picture is a uint8 HWC array, saved as PNG and handed to the trackers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+
+def layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The stem, then every residual block, of any architecture in the family."""
+    return [("stem", model.stem)] + [(f"block{i}", b) for i, b in enumerate(model.blocks)]
+
+
+def to_uint8(grid: torch.Tensor) -> np.ndarray:
+    """CHW float in [0, 1] -> HWC uint8."""
+    return (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def feature_maps(model: torch.nn.Module, images: torch.Tensor, channels: int = 8) -> dict[str, np.ndarray]:
+    """For each layer, one grid: a row per input image, its first `channels` maps (each scaled to
+    its own min..max, upsampled to 32x32 so deep, small maps stay visible)."""
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=name: captured.__setitem__(n, o.detach().float()))
+             for name, m in layers(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    grids = {}
+    for name, fmap in captured.items():
+        maps = fmap[:, :channels]
+        n, k = maps.shape[:2]
+        lo = maps.amin(dim=(2, 3), keepdim=True)
+        hi = maps.amax(dim=(2, 3), keepdim=True)
+        maps = (maps - lo) / (hi - lo).clamp_min(1e-6)
+        maps = torch.nn.functional.interpolate(maps, size=32, mode="nearest") if maps.shape[-1] < 32 else maps
+        grids[name] = to_uint8(make_grid(maps.reshape(n * k, 1, *maps.shape[-2:]), nrow=k, padding=2, pad_value=1.0))
+    return grids
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def figure_to_array(fig) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_row: int = 8) -> np.ndarray:
+    """Input samples (uint8 NCHW) with their class names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    rows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.2, rows * 1.4), squeeze=False)
+    for ax, i in zip(axes.flat, range(rows * per_row)):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(classes[int(labels[i])], fontsize=8)
+    fig.tight_layout()
+    array = figure_to_array(fig)
+    plt.close(fig)
+    return array
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Confusion matrix (rows: true class, columns: predicted), with per-class accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_class = matrix.diagonal() / matrix.sum(1).clip(min=1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), [f"{c} ({a:.0%})" for c, a in zip(classes, per_class)], fontsize=8)
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, int(v), ha="center", va="center", fontsize=7,
+                color="white" if v > matrix.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (per-class accuracy)")
+    ax.set_title(f"test accuracy {matrix.diagonal().sum() / max(matrix.sum(), 1):.2%}")
+    fig.tight_layout()
+    array = figure_to_array(fig)
+    plt.close(fig)
+    return array
+
+
+def curves_figure(history: list[dict]) -> np.ndarray:
+    """Loss and accuracy per epoch, train and test (and validation when held out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] for m in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val", "test"):
+        if f"{split}_loss" in history[0]:
+            ax1.plot(epochs, [m[f"{split}_loss"] for m in history], marker="o", ms=3, label=split)
+            ax2.plot(epochs, [100 * m[f"{split}_acc"] for m in history], marker="o", ms=3, label=split)
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (final test {100 * history[-1]['test_acc']:.2f}%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    array = figure_to_array(fig)
+    plt.close(fig)
+    return array
