@@ -66,6 +66,7 @@ class Config:
     train_subset: int = opt(0, "use only the first N training images (0: all)")
     test_subset: int = opt(0, "use only the first N test images (0: all)")
     val_size: int = opt(0, "hold out N training images (fixed by --seed) as a validation set")
+    eval_test: bool = opt(True, "evaluate on the test set every epoch (Tune trials rank on validation only)")
     crop_padding: int = opt(4, "random-crop augmentation: pad by N pixels then crop (0: off)")
     flip: str = opt("random", "horizontal flips: none, random, alternate (flip each image every other epoch)")
     normalize: str = opt("dataset", "normalisation: dataset (its own mean/std) or imagenet")

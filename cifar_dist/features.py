@@ -116,7 +116,8 @@ def curves_figure(history: list[dict]) -> np.ndarray:
             ax1.plot(epochs, [m[f"{split}_loss"] for m in history], marker="o", ms=3, label=split)
             ax2.plot(epochs, [100 * m[f"{split}_acc"] for m in history], marker="o", ms=3, label=split)
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (final test {100 * history[-1]['test_acc']:.2f}%)")
+    final = "test" if "test_acc" in history[-1] else "val"
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (final {final} {100 * history[-1][f'{final}_acc']:.2f}%)")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -225,8 +225,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
                           f"({world} x {cfg.grad_accum})")
     out = output_dir(cfg, accelerator)
     if (done := finished_summary(out, cfg)) is not None:
-        accelerator.print(f"{out} already finished {done['epochs_completed']} epochs "
-                          f"(test acc {done['test_acc']:.2%}); nothing to do")
+        acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
+        accelerator.print(f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
         return done
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -238,8 +238,15 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     if len(data.train) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data.train)} images)")
     device = accelerator.device
-    train_set, test_set = data.train.to(device), data.test.to(device)
-    val_set = data.val.to(device) if data.val is not None else None
+    train_set = data.train.to(device)
+    # Evaluated every epoch: the validation hold-out (if any) and the test set (unless --no-eval-test:
+    # a Tune trial ranks on validation and never looks at the test set). The last one is "main".
+    evals = {name: split.to(device) for name, split in (("val", data.val), ("test", data.test))
+             if split is not None and (name == "val" or cfg.eval_test)}
+    if not evals:
+        raise ConfigError("nothing to evaluate: --no-eval-test needs a validation split (--val-size N)")
+    main_name = list(evals)[-1]
+    main_set = evals[main_name]
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(device)
 
     model = build_model(cfg.model)
@@ -260,20 +267,21 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         resume(accelerator, ckpts[-1], optimizer, scheduler)
         accelerator.print(f"resumed from {ckpts[-1]} (epoch {state.epoch})")
     tracking.start(accelerator, trackers, to_dict(cfg), out, state.step, cfg.run_name, cfg.group)
-    probe = test_set.take(torch.arange(min(4, len(test_set))))  # the same images every time
+    probe = main_set.take(torch.arange(min(4, len(main_set))))  # the same images every time
     if accelerator.is_main_process:
         write_metrics(out, state.history)
         table = summarize(accelerator.unwrap_model(model))
         (out / "model_summary.txt").write_text(table + "\n")
         accelerator.print(table)
-        samples = test_set.take(torch.arange(min(16, len(test_set))))
+        samples = main_set.take(torch.arange(min(16, len(main_set))))
         pictures = {"samples": F.sample_grid(samples.images, samples.labels, data.classes)}
         F.save_png(pictures["samples"], out / "samples.png")
         tracking.log_images(accelerator, trackers, pictures, state.step)
         accelerator.print(f"{cfg.preset}: {params:,} parameters, {nbytes / 2**20:.2f} MB; {len(train_set):,} train / "
-                          f"{len(test_set):,} test images; {world} process(es) on {device.type}, "
+                          f"{len(main_set):,} {main_name} images; {world} process(es) on {device.type}, "
                           f"mixed precision {accelerator.mixed_precision}; output {out}")
 
+    start_epoch = state.epoch
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -307,9 +315,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         if not math.isfinite(loss_sum):
             raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
         metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
-        if val_set is not None:
-            metrics["val_loss"], metrics["val_acc"], _ = evaluate(model, val_set, norm, cfg, accelerator)
-        metrics["test_loss"], metrics["test_acc"], confusion = evaluate(model, test_set, norm, cfg, accelerator)
+        for name, split in evals.items():
+            metrics[f"{name}_loss"], metrics[f"{name}_acc"], confusion = evaluate(model, split, norm, cfg, accelerator)
         seconds = time.perf_counter() - t0
         metrics.update(lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
                        step=state.step)
@@ -326,13 +333,13 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
                                  state.step)
         accelerator.print(
             f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2%}"
-            + (f" | val acc {metrics['val_acc']:6.2%}" if "val_acc" in metrics else "")
-            + f" | test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2%} | lr {metrics['lr']:.3g}"
-            f" | {metrics['images_per_second']:,.0f} img/s | {seconds:.1f}s")
+            + "".join(f" | {n} loss {metrics[f'{n}_loss']:.4f} acc {metrics[f'{n}_acc']:6.2%}" for n in evals)
+            + f" | lr {metrics['lr']:.3g} | {metrics['images_per_second']:,.0f} img/s | {seconds:.1f}s")
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(out)[-1])
 
-    _, _, confusion = evaluate(model, test_set, norm, cfg, accelerator)
+    if state.epoch == start_epoch:  # nothing trained in this process (killed after the last checkpoint)
+        _, _, confusion = evaluate(model, main_set, norm, cfg, accelerator)
     confusion = confusion.long().cpu().numpy()
     per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(data.classes)}
     if accelerator.is_main_process:
@@ -340,21 +347,22 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         pictures = {"confusion_matrix": F.confusion_figure(confusion, data.classes)}
         F.save_png(pictures["confusion_matrix"], out / "confusion_matrix.png")
         tracking.log_images(accelerator, trackers, pictures, state.step)
-        accelerator.log({f"test/acc_{c}": a for c, a in per_class.items()}, step=state.step)
+        accelerator.log({f"{main_name}/acc_{c}": a for c, a in per_class.items()}, step=state.step)
     digests = gather_object([weights_digest(model)])
-    summary = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg),
-                   test_acc=state.history[-1]["test_acc"], best_test_acc=max(m["test_acc"] for m in state.history),
-                   epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
+    summary = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg))
+    for name in evals:
+        summary[f"{name}_acc"] = state.history[-1][f"{name}_acc"]
+        summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in state.history)
+    summary.update(epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
                    mixed_precision=accelerator.mixed_precision, device=device.type, total_seconds=state.seconds,
-                   rank_weight_digests=digests, per_class_test_acc=per_class,
+                   rank_weight_digests=digests, **{f"per_class_{main_name}_acc": per_class},
                    normalization=dict(mean=list(data.mean), std=list(data.std)))
-    if "val_acc" in state.history[-1]:
-        summary["val_acc"] = state.history[-1]["val_acc"]
     if accelerator.is_main_process:
         weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
         accelerator.save(weights, out / "model.pt")  # CPU tensors: loads anywhere
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        accelerator.print(f"done: test acc {summary['test_acc']:.2%} (best {summary['best_test_acc']:.2%}) "
+        accelerator.print(f"done: {main_name} acc {summary[f'{main_name}_acc']:.2%} "
+                          f"(best {summary[f'best_{main_name}_acc']:.2%}) "
                           f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: a clean exit for every rank
