@@ -215,8 +215,10 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop:
     the CLI, Tune trials and SLURM jobs all come here."""
     trackers = tracking.parse(cfg.tracker)
+    # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on CPU.
+    cpu_world = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with=trackers or None, project_dir=cfg.output_dir or "runs")
+                              log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu_world)
     world, rank = accelerator.num_processes, accelerator.process_index
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")

@@ -1,0 +1,128 @@
+"""Real Ray Tune searches (local Ray on this machine) through `python tune/search.py`."""
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import ROOT, env, metrics, run_train, summary
+
+pytestmark = pytest.mark.timeout(420)
+SEARCH = str(ROOT / "tune" / "search.py")
+DATA = ["--dataset", "synthetic", "--val-size", "300"]
+TINY = {"stages": 2, "base_width": 8, "blocks_per_stage": 1, "batch_size": 100}
+
+
+def search(args, cwd, timeout=400, **extra):
+    return subprocess.run([sys.executable, SEARCH, *DATA, *args], cwd=cwd, env=env(**extra), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def space(tmp_path, tiny=True, **entries):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**(TINY if tiny else {}), **entries}))
+    return str(path)
+
+
+def rows(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
+    out = tmp_path / "s"
+    # the same good and hopeless lr twice each; one at a time, so ASHA has seen a good one at epoch 1
+    r = search(["--space", space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}), "--num-samples", "1",
+                "--max-epochs", "2", "--max-concurrent", "1", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = rows(out)
+    assert len(table) == 4
+    assert {row["status"] for row in table if float(row["lr"]) < 1e-3} == {"stopped early"}
+    assert {row["status"] for row in table if float(row["lr"]) > 1e-3} == {"completed"}
+    assert all(row["params"] == table[0]["params"] for row in table) and int(table[0]["params"]) > 0
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["lr"] == 0.05 and best["val_size"] == 0 and best["eval_test"] is True
+    assert best["model"]["widths"] == [8, 16]
+    for trial in (out / "trials").glob("*_0000?"):
+        assert all("test_acc" not in m for m in metrics(trial))  # trials never look at the test set
+        assert all("val_acc" in m for m in metrics(trial))
+    assert "val_acc" in r.stdout and "best:" in r.stdout
+    trained = run_train(["--config", str(out / "best.yaml"), "--epochs", "1", "--output-dir", str(tmp_path / "b")],
+                        tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert summary(tmp_path / "b")["test_acc"] > 0.3
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
+    out = tmp_path / "s"
+    args = ["--space", space(tmp_path, lr={"grid": [0.05, 0.04, 0.03, 0.02]}), "--num-samples", "1",
+            "--max-epochs", "3", "--max-concurrent", "1", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, SEARCH, *DATA, *args], cwd=tmp_path,
+                            env=env(TUNE_GLOBAL_CHECKPOINT_S="0"), stdout=open(tmp_path / "first.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    done = lambda: [p for p in (out / "trials").glob("*_0000?") if (p / "summary.json").exists()]  # noqa: E731
+    while time.time() < deadline and len(done()) < 2:
+        time.sleep(0.5)
+    time.sleep(2)  # let Tune record the finished trials
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, as a preempted job would lose them
+    proc.wait()
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env())
+    finished = {p.name for p in done()}
+    assert len(finished) >= 2 and not (out / "results.csv").exists(), (tmp_path / "first.log").read_text()[-3000:]
+    r = search([*args, "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(rows(out)) == 4 and {row["status"] for row in rows(out)} == {"completed"}
+    for name in finished:  # a finished trial was not started again
+        assert len((out / "trials" / f"{name}.starts").read_text().splitlines()) == 1
+
+
+def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_path):
+    out = tmp_path / "s"
+    # batch 5000 > the 1,700 training images: that trial raises every time it starts
+    r = search(["--space", space(tmp_path, batch_size={"grid": [100, 5000]}, lr=0.05), "--num-samples", "1",
+                "--max-epochs", "1", "--max-failures", "1", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    by_batch = {row["batch_size"]: row for row in rows(out)}
+    assert by_batch["5000"]["status"] == "failed" and "larger than the training set" in by_batch["5000"]["error"]
+    assert by_batch["100"]["status"] == "completed"
+    failed = next(p for p in (out / "trials").glob("*.starts") if p.with_suffix("").name.endswith("00001"))
+    assert len(failed.read_text().splitlines()) == 2  # tried, then retried once
+
+
+def test_two_worker_ddp_trial(tmp_path):
+    out = tmp_path / "s"
+    r = search(["--space", space(tmp_path, lr=0.05), "--num-samples", "1", "--max-epochs", "1",
+                "--workers-per-trial", "2", "--cpus-per-trial", "0.5", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (trial,) = [p for p in (out / "trials").iterdir() if p.is_dir()]
+    s = summary(trial)
+    assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    assert rows(out)[0]["status"] == "completed"
+
+
+@pytest.mark.parametrize("entries, extra, text", [
+    ({"lr": {"choice": []}}, [], "lr choice is empty"),
+    ({"lr": {"loguniform": [0.5, 0.05]}}, [], "bounds are reversed"),
+    ({"base_width": {"choice": [16, 0]}}, [], "base_width must be positive"),
+    ({"tiny": False, "widths": [8, -16], "blocks": [1, 1], "strides": [1, 2]}, [], "widths must be positive"),
+    ({"widths": [8, 16]}, [], "widths conflict with stages"),
+    ({"learning_rate": 0.1}, [], "unknown setting 'learning_rate'"),
+    ({}, ["--gpus-per-trial", "1"], "needs 1 GPUs but the Ray cluster has 0"),
+    ({}, ["--address", "127.0.0.1:9"], "cannot reach the Ray cluster at 127.0.0.1:9"),
+])
+def test_bad_input_one_line_before_any_trial(tmp_path, entries, extra, text):
+    out = tmp_path / "s"
+    start = time.time()
+    r = search(["--space", space(tmp_path, **entries), "--num-samples", "1", "--max-epochs", "1",
+                "--output-dir", str(out), *extra], tmp_path, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    assert f"error: " in r.stderr and text in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (out / "trials").exists()
+    assert time.time() - start < 60
