@@ -57,8 +57,10 @@ def start(accelerator: Accelerator, names: list[str], config: dict[str, Any], ou
     if "wandb" in names:
         if not _wandb_has_key() and "WANDB_MODE" not in os.environ:
             os.environ["WANDB_MODE"] = "offline"
-            accelerator.print("W&B: no API key and no WANDB_MODE set: logging offline "
-                              f"(upload later with `wandb sync {os.environ.get('WANDB_DIR', out)}/wandb/offline-run-*`)")
+            if accelerator.is_main_process:
+                where = f"{os.environ.get('WANDB_DIR', out)}/wandb/offline-run-*"
+                print(f"W&B: no API key and no WANDB_MODE set: logging offline (upload later with `wandb sync {where}`)",
+                      flush=True)
         id_file = out / "wandb_run_id"
         if accelerator.is_main_process and not id_file.exists():
             id_file.write_text(secrets.token_hex(4))  # W&B run ids: short lowercase alphanumerics

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,19 +40,53 @@ class Diverged(RuntimeError):
 
 
 class TrainState:
-    """What a checkpoint needs beyond model/optimizer/RNG: progress and the metrics so far."""
+    """What a checkpoint needs beyond model/optimizer/RNG: progress and the metrics so far. A checkpoint
+    taken mid-epoch (on a preemption signal) also holds the micro-batches done and their running sums."""
+
+    FIELDS = ("epoch", "step", "seconds", "history", "batch", "partial")
 
     def __init__(self) -> None:
         self.epoch, self.step, self.seconds, self.history = 0, 0, 0.0, []
+        self.batch, self.partial = 0, [0.0, 0.0, 0.0, 0.0]  # loss, correct, count, seconds of the epoch so far
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(epoch=self.epoch, step=self.step, seconds=self.seconds, history=self.history)
+        return {k: getattr(self, k) for k in self.FIELDS}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.epoch, self.step, self.seconds, self.history = d["epoch"], d["step"], d["seconds"], d["history"]
+        for k in self.FIELDS:
+            setattr(self, k, d.get(k, getattr(self, k)))
+
+
+class Preemption:
+    """SIGUSR1 (SLURM's warning before a time limit or preemption) or SIGTERM: finish the step, save,
+    exit cleanly. Ranks agree at the next log step, so all of them stop at the same place."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.installed = threading.current_thread() is threading.main_thread()  # not in a Tune trial thread
+        for sig in (signal.SIGUSR1, signal.SIGTERM) if self.installed else ():
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Collective: True on every rank if any rank was signalled."""
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+    def restore(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM) if self.installed else ():
+            signal.signal(sig, signal.SIG_DFL)
 
 
 # --- output directory --------------------------------------------------------------------------
+
+def say(accelerator: Accelerator, message: str) -> None:
+    """Print once per run (accelerator.print prints once per node)."""
+    if accelerator.is_main_process:
+        print(message, flush=True)
+
 
 def output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """The run's directory (the same on every rank), refusing paths that would mix two runs."""
@@ -86,9 +121,9 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in (out / "checkpoints").glob("epoch-*") if not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int, keep: int) -> None:
+def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int | str, keep: int) -> None:
     """Write epoch-N.tmp, then rename: a kill mid-save never leaves a half checkpoint as the latest."""
-    final = out / "checkpoints" / f"epoch-{epoch:04d}"
+    final = out / "checkpoints" / (f"epoch-{epoch:04d}" if isinstance(epoch, int) else f"epoch-{epoch}")
     tmp = final.with_name(final.name + ".tmp")
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -228,7 +263,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     out = output_dir(cfg, accelerator)
     if (done := finished_summary(out, cfg)) is not None:
         acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
-        accelerator.print(f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
+        say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
         return done
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -267,30 +302,34 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
 
     if ckpts := checkpoints(out):
         resume(accelerator, ckpts[-1], optimizer, scheduler)
-        accelerator.print(f"resumed from {ckpts[-1]} (epoch {state.epoch})")
+        say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
     tracking.start(accelerator, trackers, to_dict(cfg), out, state.step, cfg.run_name, cfg.group)
     probe = main_set.take(torch.arange(min(4, len(main_set))))  # the same images every time
     if accelerator.is_main_process:
         write_metrics(out, state.history)
         table = summarize(accelerator.unwrap_model(model))
         (out / "model_summary.txt").write_text(table + "\n")
-        accelerator.print(table)
+        say(accelerator, table)
         samples = main_set.take(torch.arange(min(16, len(main_set))))
         pictures = {"samples": F.sample_grid(samples.images, samples.labels, data.classes)}
         F.save_png(pictures["samples"], out / "samples.png")
         tracking.log_images(accelerator, trackers, pictures, state.step)
-        accelerator.print(f"{cfg.preset}: {params:,} parameters, {nbytes / 2**20:.2f} MB; {len(train_set):,} train / "
+        say(accelerator, f"{cfg.preset}: {params:,} parameters, {nbytes / 2**20:.2f} MB; {len(train_set):,} train / "
                           f"{len(main_set):,} {main_name} images; {world} process(es) on {device.type}, "
                           f"mixed precision {accelerator.mixed_precision}; output {out}")
 
     start_epoch = state.epoch
+    preemption = Preemption()
     for epoch in range(state.epoch, cfg.epochs):
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - state.partial[3]
         model.train()
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count
+        sums = torch.tensor(state.partial[:3], device=device, dtype=torch.float64)  # loss, correct, count
+        skip, state.batch, state.partial = state.batch, 0, [0.0] * 4
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
         for i, (x, y) in enumerate(D.train_batches(train_set, cfg, epoch, rank, world)):
+            if i < skip:  # resumed mid-epoch: the batches (and their augmentations) are drawn again, not trained
+                continue
             with accelerator.accumulate(model):
                 logits = model(norm(x))
                 loss = criterion(logits, y)
@@ -303,10 +342,16 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
             sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum(),
                                  torch.tensor(len(y), device=device)]).double()
             if accelerator.sync_gradients and (state.step % cfg.log_every == 0):
-                # one host sync every log_every steps, on every rank alike, so all stop together on NaN
-                current = accelerator.reduce(loss.detach(), "mean").item()
+                # one host sync every log_every steps, on every rank alike, so all stop together (NaN, signal)
+                stop = torch.tensor(float(preemption.signal is not None), device=device)
+                current, stop = (accelerator.reduce(torch.stack([loss.detach().float(), stop]), "sum") / world).tolist()
                 if not math.isfinite(current):
                     raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {state.step}")
+                if stop > 0:
+                    bar.close()
+                    state.batch, state.partial = i + 1, [*accelerator.reduce(sums, "sum").div(world).tolist(),
+                                                         time.perf_counter() - t0]
+                    return stop_and_save(accelerator, out, state, epoch, cfg, preemption)
                 bar.set_postfix(loss=f"{current:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
                 accelerator.log({"train/step_loss": current, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
             if accelerator.sync_gradients:
@@ -333,12 +378,14 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
             if cfg.feature_maps_every and state.epoch % cfg.feature_maps_every == 0 and state.epoch < cfg.epochs:
                 log_feature_maps(accelerator, trackers, model, norm(probe.images), cfg, out, f"epoch-{state.epoch:04d}",
                                  state.step)
-        accelerator.print(
+        say(accelerator, 
             f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2%}"
             + "".join(f" | {n} loss {metrics[f'{n}_loss']:.4f} acc {metrics[f'{n}_acc']:6.2%}" for n in evals)
             + f" | lr {metrics['lr']:.3g} | {metrics['images_per_second']:,.0f} img/s | {seconds:.1f}s")
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(out)[-1])
+        if state.epoch < cfg.epochs and preemption.requested(accelerator):
+            return stop_and_save(accelerator, out, state, epoch + 1, cfg, preemption, saved=True)
 
     if state.epoch == start_epoch:  # nothing trained in this process (killed after the last checkpoint)
         _, _, confusion = evaluate(model, main_set, norm, cfg, accelerator)
@@ -363,12 +410,29 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
         accelerator.save(weights, out / "model.pt")  # CPU tensors: loads anywhere
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        accelerator.print(f"done: {main_name} acc {summary[f'{main_name}_acc']:.2%} "
+        say(accelerator, f"done: {main_name} acc {summary[f'{main_name}_acc']:.2%} "
                           f"(best {summary[f'best_{main_name}_acc']:.2%}) "
                           f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {out}")
+    preemption.restore()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group: a clean exit for every rank
     return summary
+
+
+def stop_and_save(accelerator: Accelerator, out: Path, state: TrainState, epoch: int, cfg: Config,
+                  preemption: Preemption, saved: bool = False) -> dict[str, Any]:
+    """Save a mid-epoch checkpoint (it sorts between epoch-N and epoch-N+1), unless the epoch's own was
+    just saved, and end the run cleanly."""
+    name = f"{epoch:04d}+{state.batch:06d}"  # epochs done, then micro-batches of the next
+    if not saved:
+        save_checkpoint(accelerator, out, name, cfg.keep_checkpoints)
+    say(accelerator, f"stopped by a signal ({preemption.signal or 'on another rank'}) after {epoch} epochs "
+                      f"and {state.batch} batches: checkpoint {checkpoints(out)[-1]} saved; "
+                      "rerun the same command to resume")
+    preemption.restore()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"preempted": True, "epoch": epoch, "batch": state.batch}
 
 
 def main(argv: list[str] | None = None) -> int:

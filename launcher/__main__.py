@@ -1,0 +1,5 @@
+import sys
+
+from launcher.launch import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# A real single-host SLURM cluster with TWO nodes (n1, n2), for trying slurm/*.sh on a laptop and for
+# the tests:  slurm/local-cluster.sh up|down|status|env
+#   up      install slurm-wlm and munge if missing (apt-get, as root), write a config under $SLURM_LOCAL_DIR
+#           (default /tmp/cifar-dist-slurm), start munged (if not running), slurmctld and two slurmd
+#   down    stop exactly the daemons `up` started
+#   status  sinfo of the cluster
+#   env     print `export SLURM_CONF=...`: run `eval "$(slurm/local-cluster.sh env)"` before sbatch/squeue
+set -euo pipefail
+DIR=${SLURM_LOCAL_DIR:-/tmp/cifar-dist-slurm}
+CONF=$DIR/slurm.conf
+export SLURM_CONF=$CONF
+
+install() {
+  command -v slurmctld >/dev/null && command -v munged >/dev/null && return
+  echo "installing slurm-wlm and munge (apt-get)..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null
+}
+
+write_conf() {
+  local host cpus mem
+  host=$(hostname -s)
+  cpus=$(nproc)
+  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
+  mkdir -p "$DIR/state" "$DIR/spool"
+  cat > "$CONF" <<EOF
+ClusterName=cifardist
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=${SLURMCTLD_PORT:-16817}
+SlurmUser=root
+AuthType=auth/munge
+# A requeued job waits cred_expire seconds (default 120) before it can start again
+AuthInfo=cred_expire=10
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd-%n.pid
+SlurmctldLogFile=$DIR/slurmctld.log
+SlurmdLogFile=$DIR/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MinJobAge=300
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=${SLURMD_PORTS:-17001-17002} CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+}
+
+up() {
+  install
+  if [ -f "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null; then
+    echo "already up ($DIR)"; return
+  fi
+  write_conf
+  if ! pgrep -x munged >/dev/null; then
+    mkdir -p /run/munge && chown munge:munge /run/munge
+    [ -f /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || dd if=/dev/urandom of=/etc/munge/munge.key bs=128 count=1 2>/dev/null; chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key; }
+    runuser -u munge -- /usr/sbin/munged
+    touch "$DIR/munged.ours"
+  fi
+  rm -rf "$DIR/state"/*  # a fresh controller state: no jobs from an earlier cluster
+  /usr/sbin/slurmctld -c -f "$CONF"
+  /usr/sbin/slurmd -N n1 -f "$CONF"
+  /usr/sbin/slurmd -N n2 -f "$CONF"
+  for _ in $(seq 1 50); do
+    [ "$(sinfo -h -o '%t' 2>/dev/null | grep -c idle)" -ge 1 ] && [ "$(sinfo -h -N -o '%t' | grep -c idle)" = 2 ] && break
+    sleep 0.2
+  done
+  sinfo -N
+  echo "export SLURM_CONF=$CONF   # for sbatch, squeue, scontrol in your shell"
+}
+
+stop_pidfile() {
+  local f=$1
+  [ -f "$f" ] || return 0
+  local pid; pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid"
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$f"
+}
+
+down() {
+  stop_pidfile "$DIR/slurmd-n1.pid"
+  stop_pidfile "$DIR/slurmd-n2.pid"
+  stop_pidfile "$DIR/slurmctld.pid"
+  if [ -f "$DIR/munged.ours" ]; then
+    stop_pidfile /run/munge/munged.pid
+    rm -f "$DIR/munged.ours"
+  fi
+  echo "down ($DIR)"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) sinfo -N; squeue ;;
+  env) echo "export SLURM_CONF=$CONF" ;;
+  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+esac

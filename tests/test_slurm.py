@@ -1,0 +1,165 @@
+"""The launcher, and slurm/*.sh on a real two-node SLURM cluster (slurmctld + 2 slurmd) on this host."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, env, metrics, summary
+
+pytestmark = pytest.mark.timeout(420)
+TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1", "--strides", "1,2",
+        "--head", "gap", "--batch-size", "100"]
+
+
+# --- the launcher against a faked SLURM environment (scontrol answered by a script) -----------------
+
+def fake_scontrol(tmp_path: Path, nodes: list[str], addr: str) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "scontrol"
+    script.write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "show hostnames") printf '%s\\n' {' '.join(nodes)} ;;
+  "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr={addr} NodeHostName=$3 State=IDLE" ;;
+  *) exit 1 ;;
+esac
+""")
+    script.chmod(0o755)
+    return bin_dir
+
+
+def launcher(args, tmp_path, **extra):
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=tmp_path, env=env(**extra),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_dry_run_for_4_nodes_x_8_gpus_is_exactly_the_expected_command_per_node(tmp_path):
+    bin_dir = fake_scontrol(tmp_path, ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a04"], "127.0.0.1")
+    slurm = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-a[01-04]",
+                 SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8")
+    for rank in range(4):
+        r = launcher(["--dry-run", "--", "--preset", "resnet18", "--epochs", "30"], tmp_path, SLURM_NODEID=str(rank),
+                     **slurm)
+        assert r.returncode == 0, r.stderr
+        expected = (f"{sys.executable} -m accelerate.commands.launch --config_file {ROOT}/launcher/ddp.yaml "
+                    f"--multi_gpu --num_processes 32 --num_machines 4 --machine_rank {rank} "
+                    f"--main_process_ip 127.0.0.1 --main_process_port 24242 "
+                    f"{ROOT}/cifar_dist/train.py --preset resnet18 --epochs 30")
+        assert r.stdout.strip() == expected
+
+
+def test_local_dry_run_on_this_cpu_machine(tmp_path):
+    r = launcher(["--dry-run", "--nproc", "2", "--", "--dataset", "synthetic"], tmp_path)
+    assert r.returncode == 0
+    assert r.stdout.startswith("ACCELERATE_USE_CPU=1 ")  # `--cpu` would start one process, not two
+    assert "--multi_gpu --num_processes 2 --num_machines 1 --machine_rank 0" in r.stdout
+
+
+@pytest.mark.parametrize("case, text", [
+    ("no node rank", "SLURM_NODEID is not set"),
+    ("unresolvable head", "does not resolve"),
+    ("inconsistent world", "gives 2 nodes, SLURM says 3"),
+    ("rank outside", "SLURM_NODEID 5 is outside the 2 nodes"),
+])
+def test_launcher_failures_are_one_line_not_a_hang(tmp_path, case, text):
+    addr = "no-such-host.invalid" if case == "unresolvable head" else "127.0.0.1"
+    bin_dir = fake_scontrol(tmp_path, ["n1", "n2"], addr)
+    slurm = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-2]",
+                 SLURM_JOB_NUM_NODES="3" if case == "inconsistent world" else "2",
+                 SLURM_NODEID={"no node rank": None, "rank outside": "5"}.get(case, "0"))
+    start = time.time()
+    r = launcher(["--", "--dataset", "synthetic"], tmp_path, **slurm)
+    assert r.returncode == 2 and time.time() - start < 30
+    assert r.stderr.strip().count("\n") == 0 and text in r.stderr, r.stderr
+
+
+# --- a real cluster ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm")
+    e = env(SLURM_LOCAL_DIR=str(root / "cluster"), SLURMCTLD_PORT="26817", SLURMD_PORTS="27001-27002")
+    up = subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "up"], env=e, capture_output=True, text=True,
+                        timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    e["SLURM_CONF"] = str(root / "cluster" / "slurm.conf")
+    yield e, root
+    subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "down"], env=e, timeout=60)
+
+
+def sbatch(cluster, script, sbatch_args, args, workdir):
+    e, _ = cluster
+    r = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={workdir}/slurm-%j.out",
+                        *sbatch_args, str(ROOT / "slurm" / script), *args], env=e, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job(cluster, job_id) -> dict:
+    e, _ = cluster
+    out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=e, capture_output=True, text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def wait_for(cluster, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job(cluster, job_id)
+        if info.get("JobState") in states:
+            return info
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job(cluster, job_id).get('JobState')} after {timeout}s")
+
+
+def test_sbatch_two_nodes_trains_one_ddp_world(cluster, tmp_path):
+    out = tmp_path / "run"
+    j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
+               [*TINY, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    info = wait_for(cluster, j)
+    log = (tmp_path / f"slurm-{j}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    s = summary(out)
+    assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    assert [m["epoch"] for m in metrics(out)] == [1, 2]
+    assert (out / "model.pt").is_file() and (out / "curves.png").is_file()
+    assert "node 0/2" in log and "node 1/2" in log  # each node its own rank
+    assert log.count("epoch   2/2 |") == 1
+
+
+def test_signalled_job_checkpoints_requeues_and_resumes_every_epoch_once(cluster, tmp_path):
+    e, _ = cluster
+    out = tmp_path / "run"
+    j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
+               [*TINY, "--epochs", "10", "--log-every", "1", "--output-dir", str(out)], tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
+        time.sleep(0.1)
+    # what SLURM does at --signal=B:USR1@<seconds> before the time limit: USR1 to the batch shell
+    subprocess.run(["scancel", "--batch", "--signal=USR1", j], env=e, check=True)
+    info = wait_for(cluster, j, states=("PENDING",), timeout=120)
+    assert info["Restarts"] == "1"  # requeued; it starts again once the cluster's cred_expire (10 s) has passed
+    info = wait_for(cluster, j)
+    log = (tmp_path / f"slurm-{j}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "stopped by a signal" in log and "resumed from" in log and "(restart 1)" in log
+    assert [m["epoch"] for m in metrics(out)] == list(range(1, 11))  # every epoch exactly once
+    assert summary(out)["epochs_completed"] == 10 and summary(out)["world_size"] == 2
+
+
+def test_tune_job_on_two_nodes_runs_a_search(cluster, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {grid: [0.05, 0.00001]}\nstages: 2\nbase_width: 8\nblocks_per_stage: 1\nbatch_size: 100\n")
+    out = tmp_path / "search"
+    j = sbatch(cluster, "tune.sh", ["--nodes=2", "--cpus-per-task=1"],
+               ["--dataset", "synthetic", "--val-size", "300", "--space", str(space), "--num-samples", "1",
+                "--max-epochs", "2", "--output-dir", str(out)], tmp_path)
+    info = wait_for(cluster, j, timeout=360)
+    log = (tmp_path / f"slurm-{j}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "2 Ray nodes up" in log and "Ray stopped" in log
+    assert (out / "best.yaml").is_file() and len((out / "results.csv").read_text().splitlines()) == 3
