@@ -148,3 +148,25 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_args
     assert "Traceback" not in r.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]
     assert [m["epoch"] for m in metrics(out)] == [1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, tiny_args, sig):
+    args = [*tiny_args, "--epochs", "6", "--log-every", "1", "--widths", "16,32", "--stem-width", "16"]
+    ref = tmp_path / "ref"
+    assert run_train([*args, "--output-dir", str(ref)], tmp_path).returncode == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)],
+                            cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by a signal" in stdout and not (out / "summary.json").exists()
+    r = run_train([*args, "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0 and "resumed from" in r.stdout
+    assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert [m["train_loss"] for m in metrics(out)] == [m["train_loss"] for m in metrics(ref)]
+    assert summary(out)["rank_weight_digests"] == summary(ref)["rank_weight_digests"]
