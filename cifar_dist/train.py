@@ -5,6 +5,7 @@ config -> accelerator -> output dir -> data -> model/optimizer -> resume -> epoc
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: the package comes from the ins
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from cifar_dist import data as D
@@ -143,6 +144,25 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     tmp.replace(out / "metrics.jsonl")
 
 
+def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
+    """What DeepSpeed needs that a plain loop does not: its batch sizes, from our global batch size (we
+    prepare no DataLoader for Accelerate to read them from)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    accum = ds.get("gradient_accumulation_steps", "auto")
+    if accum not in ("auto", cfg.grad_accum):
+        raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps {accum} but --grad-accum is "
+                          f"{cfg.grad_accum}; make them equal")
+    ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+              train_micro_batch_size_per_gpu=cfg.batch_size // (accelerator.num_processes * cfg.grad_accum))
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        # DeepSpeed's own bf16 mode breaks convs and BatchNorm on CPU; its torch autocast mode works.
+        ds["bf16"] = {"enabled": False}
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+
+
 def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimizer,
            scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Load a checkpoint, keeping this config's optimiser settings (lr, weight decay, ...): the
@@ -249,11 +269,21 @@ def weights_digest(model: torch.nn.Module) -> str:
 def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop:
     the CLI, Tune trials and SLURM jobs all come here."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
+                              "pip install -e '.[deepspeed]'")
     trackers = tracking.parse(cfg.tracker)
     # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on CPU.
-    cpu_world = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # (Not under DeepSpeed: that would silently fall back to plain DDP.)
+    cpu_world = (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true")
+    # gloo without CUDA: DeepSpeed would otherwise ask for a GPU backend and see a world of one.
+    pg = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu_world)
+                              log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu_world,
+                              kwargs_handlers=pg)
     world, rank = accelerator.num_processes, accelerator.process_index
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
@@ -288,11 +318,13 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
 
     model = build_model(cfg.model)
     params, nbytes = count_params(model), model_bytes(model)
-    if cfg.channels_last:
+    if cfg.channels_last and accelerator.state.deepspeed_plugin is None:  # DeepSpeed's broadcast needs contiguous
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model = torch.compile(model)
     optimizer = make_optimizer(cfg, model)
+    precision = accelerator.mixed_precision  # (DeepSpeed on CPU turns it into its own autocast setting)
+    configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch = len(train_set) // cfg.batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs))
@@ -403,7 +435,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         summary[f"{name}_acc"] = state.history[-1][f"{name}_acc"]
         summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in state.history)
     summary.update(epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
-                   mixed_precision=accelerator.mixed_precision, device=device.type, total_seconds=state.seconds,
+                   mixed_precision=precision, device=device.type, total_seconds=state.seconds,
+                   distributed_type=str(accelerator.distributed_type), engine=type(model).__name__,
                    rank_weight_digests=digests, **{f"per_class_{main_name}_acc": per_class},
                    normalization=dict(mean=list(data.mean), std=list(data.std)))
     if accelerator.is_main_process:

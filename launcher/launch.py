@@ -22,7 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent / "cifar_dist" / "train.py"
-BACKENDS = {"ddp": HERE / "ddp.yaml"}  # the accelerate config files this launcher owns
+# The accelerate config files this launcher owns.
+BACKENDS = {p.stem: p for p in sorted(HERE.glob("*.yaml"))}  # ddp, deepspeed-zero1, deepspeed-zero2(-offload)
 PROG = "launcher"
 
 
@@ -110,10 +111,14 @@ def check(world: World) -> None:
 
 def command(world: World, backend: str, train_args: list[str]) -> tuple[dict[str, str], list[str]]:
     """The environment additions and the `accelerate launch` command for this node."""
-    env = {} if world.gpu else {"ACCELERATE_USE_CPU": "1"}  # --cpu would start ONE process per node
+    deepspeed = backend.startswith("deepspeed")
+    # CPU DDP: ACCELERATE_USE_CPU with --multi_gpu (--cpu would start ONE process per node). Not for
+    # DeepSpeed, which that variable silently turns into plain DDP; its config names the distribution.
+    env = {} if world.gpu or deepspeed else {"ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(BACKENDS[backend])]
-    if world.processes > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(world.processes), "--num_machines", str(world.machines),
+    if world.processes > 1 or deepspeed:
+        cmd += [] if deepspeed else ["--multi_gpu"]
+        cmd += ["--num_processes", str(world.processes), "--num_machines", str(world.machines),
                 "--machine_rank", str(world.rank), "--main_process_ip", world.head,
                 "--main_process_port", str(world.port)]
     else:

@@ -1,0 +1,102 @@
+"""DeepSpeed ZeRO through Accelerate, 2 CPU processes (gloo), from the same train.py."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, accelerate_launch, env, free_port, metrics, summary
+
+pytestmark = pytest.mark.timeout(400)
+TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1", "--strides", "1,2",
+        "--head", "gap", "--batch-size", "100"]
+
+
+def ds_cmd(config: str, args: list[str]) -> list[str]:
+    # No ACCELERATE_USE_CPU here: it would silently turn DeepSpeed into plain DDP.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launcher" / config),
+            "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "cifar_dist" / "train.py"),
+            *args]
+
+
+def deepspeed_run(args, cwd, config="deepspeed-zero2.yaml", timeout=300):
+    return subprocess.run(ds_cmd(config, args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp(tmp_path):
+    out = tmp_path / "ds"
+    r = deepspeed_run([*TINY, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(out)
+    assert s["world_size"] == 2 and s["engine"] == "DeepSpeedEngine" and s["distributed_type"].endswith("DEEPSPEED")
+    assert s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    optim = sorted(p.name for p in (out / "checkpoints" / "epoch-0002").rglob("*optim_states.pt"))
+    assert len(optim) == 2 and "zero_pp_rank_0" in optim[0] and "zero_pp_rank_1" in optim[1]  # ZeRO-partitioned
+    ddp = tmp_path / "ddp"
+    r = accelerate_launch([*TINY, "--epochs", "2", "--output-dir", str(ddp)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert summary(ddp)["engine"] == "DistributedDataParallel"
+    for a, b in zip(metrics(out), metrics(ddp)):  # same seed, same data, same optimiser: same losses
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(tmp_path):
+    args = [*TINY, "--epochs", "8", "--output-dir"]
+    ref = tmp_path / "ref"
+    assert deepspeed_run([*args, str(ref)], tmp_path).returncode == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen(ds_cmd("deepspeed-zero2.yaml", [*args, str(out)]), cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
+        time.sleep(0.05)
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:  # the launcher, torchrun's agent and both ranks (the agent starts ranks in new sessions)
+        p.kill()
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+    assert not (out / "summary.json").exists()
+    r = deepspeed_run([*args, str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout
+    assert [m["epoch"] for m in metrics(out)] == list(range(1, 9))
+    assert [m["train_loss"] for m in metrics(out)] == pytest.approx([m["train_loss"] for m in metrics(ref)], rel=1e-6)
+
+
+def test_zero1_offload_and_bf16_autocast_on_cpu(tmp_path):
+    for config, extra in (("deepspeed-zero1.yaml", []), ("deepspeed-zero2-offload.yaml", ["--mixed-precision", "bf16"])):
+        out = tmp_path / config
+        r = deepspeed_run([*TINY, "--epochs", "1", "--output-dir", str(out), *extra], tmp_path, config=config)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert summary(out)["engine"] == "DeepSpeedEngine"
+    assert summary(tmp_path / "deepspeed-zero2-offload.yaml")["mixed_precision"] == "bf16"
+
+
+def test_incompatible_accumulation_is_one_line(tmp_path):
+    r = deepspeed_run([*TINY, "--grad-accum", "2", "--output-dir", str(tmp_path / "o")], tmp_path)
+    assert r.returncode != 0
+    assert "the DeepSpeed config has gradient_accumulation_steps 1 but --grad-accum is 2" in r.stderr
+
+
+def test_deepspeed_missing_is_one_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from cifar_dist import train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert train.main([*TINY, "--output-dir", str(tmp_path / "o")]) == 2
+    assert "DeepSpeed was asked for but deepspeed is not installed" in capsys.readouterr().err
+
+
+def test_launcher_selects_deepspeed_without_the_cpu_trap(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "launcher", "--dry-run", "--backend", "deepspeed-zero2", "--nproc", "2",
+                        "--", "--dataset", "synthetic"], cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "ACCELERATE_USE_CPU" not in r.stdout and "--multi_gpu" not in r.stdout
+    assert "launcher/deepspeed-zero2.yaml --num_processes 2" in r.stdout
