@@ -269,21 +269,20 @@ def weights_digest(model: torch.nn.Module) -> str:
 def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop:
     the CLI, Tune trials and SLURM jobs all come here."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        missing = [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
-                              "pip install -e '.[deepspeed]'")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+    if deepspeed and (missing := [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]):
+        raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
+                          "pip install -e '.[deepspeed]'")
     trackers = tracking.parse(cfg.tracker)
-    # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on CPU.
-    # (Not under DeepSpeed: that would silently fall back to plain DDP.)
-    cpu_world = (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-                 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true")
-    # gloo without CUDA: DeepSpeed would otherwise ask for a GPU backend and see a world of one.
-    pg = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    cuda = torch.cuda.is_available()
+    # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on
+    # CPU; but not under DeepSpeed, which that would silently turn into plain DDP. DeepSpeed on CPU needs
+    # gloo named, or it asks for a GPU backend and sees a world of one.
+    cpu_world = not cuda and not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    process_group = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum,
                               log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu_world,
-                              kwargs_handlers=pg)
+                              kwargs_handlers=process_group)
     world, rank = accelerator.num_processes, accelerator.process_index
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
