@@ -1,6 +1,5 @@
 """Real Ray Tune searches (local Ray on this machine) through `python tune/search.py`."""
 import csv
-import signal
 import subprocess
 import sys
 import time
@@ -68,11 +67,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     while time.time() < deadline and len(done()) < 2:
         time.sleep(0.5)
     time.sleep(2)  # let Tune record the finished trials
-    import os
+    import psutil
 
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, as a preempted job would lose them
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:  # the driver and the local Ray it started, as a preempted job would lose them
+        p.kill()
     proc.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env())
+    psutil.wait_procs(tree, timeout=30)
     finished = {p.name for p in done()}
     assert len(finished) >= 2 and not (out / "results.csv").exists(), (tmp_path / "first.log").read_text()[-3000:]
     r = search([*args, "--resume"], tmp_path)
