@@ -52,6 +52,16 @@ def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on cluster nodes), imported when first drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def figure_to_array(fig) -> np.ndarray:
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -59,11 +69,7 @@ def figure_to_array(fig) -> np.ndarray:
 
 def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_row: int = 8) -> np.ndarray:
     """Input samples (uint8 NCHW) with their class names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(images)
     rows = (n + per_row - 1) // per_row
     fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.2, rows * 1.4), squeeze=False)
@@ -80,11 +86,7 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
     """Confusion matrix (rows: true class, columns: predicted), with per-class accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     per_class = matrix.diagonal() / matrix.sum(1).clip(min=1)
     fig, ax = plt.subplots(figsize=(7, 6))
     ax.imshow(matrix, cmap="Blues")
@@ -104,11 +106,7 @@ def confusion_figure(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
 
 def curves_figure(history: list[dict]) -> np.ndarray:
     """Loss and accuracy per epoch, train and test (and validation when held out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [m["epoch"] for m in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val", "test"):
