@@ -257,3 +257,21 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
         _apply(cfg, values, source)
     check_config(cfg)
     return cfg
+
+
+def flags_markdown() -> str:
+    """The README's table of every train.py flag: `python -m cifar_dist.config`."""
+    defaults = {k: v for k, v in to_dict(Config()).items() if k != "model"}
+    rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
+    for a in build_parser()._actions:
+        if not a.option_strings or a.dest == "help":
+            continue
+        flag = f"`{a.option_strings[0]}`" + (f" / `--no-{a.option_strings[0][2:]}`" if a.nargs == 0 else "")
+        default = "" if a.dest == "config" else defaults.get(a.dest, "preset")
+        shown = "" if a.dest == "config" else f"`{default if default != '' else '(empty)'}`"
+        rows.append(f"| {flag} | {shown} | {a.help} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(flags_markdown())
