@@ -171,7 +171,10 @@ def load_data(cfg) -> Data:
             try:
                 find_layout(root)
             except DataError:
-                download(root)
+                try:
+                    download(root)
+                except Exception as e:  # no network, a bad archive, a full disk: one line, not a traceback
+                    raise DataError(f"downloading CIFAR-10 into {root} failed: {e}") from None
         train, test, classes = load_cifar10(root)
     val = None
     if cfg.val_size:

@@ -33,7 +33,7 @@ from cifar_dist.model import build_model, count_params, model_bytes, summarize
 
 PROG = "cifar_dist.train"
 # Settings that make a run what it is: a directory holding a run with other values is refused.
-IDENTITY = ("model", "dataset", "train_subset", "val_size", "seed")
+IDENTITY = ("model", "dataset", "train_subset", "val_size", "seed", "optimizer", "batch_size", "grad_accum")
 
 
 class Diverged(RuntimeError):
@@ -104,7 +104,7 @@ def output_dir(cfg: Config, accelerator: Accelerator) -> Path:
         if diff:
             raise ConfigError(f"output dir {out} holds a run with another {', '.join(diff)}; "
                               "use a new --output-dir (nothing was changed)")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(p.name != "checkpoints" for p in out.iterdir()):  # (a Tune restore brings those)
         raise ConfigError(f"output dir {out} is not empty and holds no cifar-dist run (no config.yaml)")
     return out
 
@@ -297,10 +297,12 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "config.yaml")
 
     set_seed(cfg.seed)
-    data = D.load_data(cfg)
+    with accelerator.main_process_first():  # one download, then every rank reads the files
+        data = D.load_data(cfg)
+    if cfg.model.num_classes < len(data.classes):
+        raise ConfigError(f"num_classes {cfg.model.num_classes} is less than the dataset's {len(data.classes)} classes")
     if len(data.train) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data.train)} images)")
     device = accelerator.device
@@ -311,6 +313,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
              if split is not None and (name == "val" or cfg.eval_test)}
     if not evals:
         raise ConfigError("nothing to evaluate: --no-eval-test needs a validation split (--val-size N)")
+    if small := [n for n, split in evals.items() if len(split) < world]:
+        raise ConfigError(f"the {small[0]} set has fewer images than processes ({world}); use a larger subset")
     main_name = list(evals)[-1]
     main_set = evals[main_name]
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(device)
@@ -334,6 +338,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     if ckpts := checkpoints(out):
         resume(accelerator, ckpts[-1], optimizer, scheduler)
         say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
+    if accelerator.is_main_process:  # only now: a refused resume leaves the run's record as it was
+        save_yaml(cfg, out / "config.yaml")
     tracking.start(accelerator, trackers, to_dict(cfg), out, state.step, cfg.run_name, cfg.group)
     probe = main_set.take(torch.arange(min(4, len(main_set))))  # the same images every time
     if accelerator.is_main_process:
@@ -441,7 +447,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     if accelerator.is_main_process:
         weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
         accelerator.save(weights, out / "model.pt")  # CPU tensors: loads anywhere
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.json.tmp").replace(out / "summary.json")  # a kill mid-write leaves no half file
         say(accelerator, f"done: {main_name} acc {summary[f'{main_name}_acc']:.2%} "
                           f"(best {summary[f'best_{main_name}_acc']:.2%}) "
                           f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {out}")

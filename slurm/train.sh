@@ -17,8 +17,8 @@
 #SBATCH --output=slurm-%x-%j.out
 set -uo pipefail
 
-args=("$@")
-[[ " $* " == *" --output-dir "* || " $* " == *" --output_dir "* ]] || args+=(--output-dir "runs/slurm-${SLURM_JOB_ID}")
+# A default output directory that survives requeues; an --output-dir given to the job comes later and wins.
+args=(--output-dir "runs/slurm-${SLURM_JOB_ID}" "$@")
 echo "$(date -Is) job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST} (restart ${SLURM_RESTART_COUNT:-0}): train.py ${args[*]}"
 
 requeue() {

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from cifar_dist.config import MODEL_FIELDS, TOP_FIELDS, Config, ConfigError, resolve, save_yaml
+from cifar_dist.data import data_root
 from cifar_dist.model import build_model, count_params
 
 PROG = "tune/search.py"
@@ -40,7 +41,10 @@ class SearchError(ValueError):
 def load_space(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SearchError(f"search space {path} does not exist")
-    space = yaml.safe_load(path.read_text()) or {}
+    try:
+        space = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SearchError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(space, dict):
         raise SearchError(f"search space {path} must be a mapping of settings")
     return space
@@ -71,8 +75,12 @@ def overrides(params: dict[str, Any]) -> dict[str, Any]:
     """Sampled parameters -> Config overrides (the three architecture keys build widths/blocks/strides)."""
     out = {k: v for k, v in params.items() if k not in ARCH_KEYS}
     if any(k in params for k in ARCH_KEYS):
-        stages, blocks, width = (int(params.get("stages", 3)), int(params.get("blocks_per_stage", 1)),
-                                 int(params.get("base_width", 32)))
+        try:
+            stages, blocks, width = (int(params.get("stages", 3)), int(params.get("blocks_per_stage", 1)),
+                                     int(params.get("base_width", 32)))
+        except (TypeError, ValueError):
+            raise SearchError(f"search space: stages, blocks_per_stage and base_width must be integers, "
+                              f"got {params}") from None
         for name, value in (("stages", stages), ("blocks_per_stage", blocks), ("base_width", width)):
             if value <= 0:
                 raise SearchError(f"search space: {name} must be positive, got {value}")
@@ -218,13 +226,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise SearchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise SearchError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if args.val_size <= 0:
+        raise SearchError("--val-size must be positive: trials are ranked on the validation split")
     if args.grace_period > args.max_epochs:
         raise SearchError(f"--grace-period {args.grace_period} exceeds --max-epochs {args.max_epochs}")
 
 
 def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """What every trial shares: data, budget, and honest evaluation (validation only)."""
-    return dict(dataset=args.dataset, data_dir=args.data_dir, train_subset=args.train_subset, val_size=args.val_size,
+    """What every trial shares: data, budget, and honest evaluation (validation only). Paths are made
+    absolute: Ray runs each trial in a working directory of its own."""
+    data_dir = str(data_root(args.data_dir).resolve()) if args.dataset == "cifar10" else args.data_dir
+    return dict(dataset=args.dataset, data_dir=data_dir, train_subset=args.train_subset, val_size=args.val_size,
                 eval_test=False, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
                 mixed_precision=args.mixed_precision, tracker=args.tracker, group=name)
 
@@ -346,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        search_dir = args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")
+        search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
         name = search_dir.name
         if args.resume and not (search_dir / "tuner.pkl").exists():
             raise SearchError(f"nothing to resume in {search_dir} (no tuner.pkl)")
