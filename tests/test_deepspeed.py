@@ -1,6 +1,4 @@
 """DeepSpeed ZeRO through Accelerate, 2 CPU processes (gloo), from the same train.py."""
-import os
-import signal
 import subprocess
 import sys
 import time

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cifar_dist.config import ConfigError, resolve
+from cifar_dist.config import resolve
 from cifar_dist.model import ModelSpec, SpecError, build_model, check_spec, count_params
 
 

@@ -1,5 +1,4 @@
 """The launcher, and slurm/*.sh on a real two-node SLURM cluster (slurmctld + 2 slurmd) on this host."""
-import json
 import os
 import subprocess
 import sys

@@ -1,6 +1,4 @@
 """W&B (offline) and TensorBoard through Accelerate, feature maps, plots, summary, ONNX export."""
-import json
-import os
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """The real CLI, in subprocesses: outputs, resume after SIGKILL, bad input, divergence."""
-import os
 import signal
 import subprocess
 import sys

@@ -123,7 +123,7 @@ def test_bad_input_one_line_before_any_trial(tmp_path, entries, extra, text):
     r = search(["--space", space(tmp_path, **entries), "--num-samples", "1", "--max-epochs", "1",
                 "--output-dir", str(out), *extra], tmp_path, timeout=120)
     assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
-    assert f"error: " in r.stderr and text in r.stderr, r.stderr[-2000:]
+    assert "error: " in r.stderr and text in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (out / "trials").exists()
     assert time.time() - start < 60

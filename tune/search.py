@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import shutil
 import socket
@@ -20,9 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from cifar_dist.config import MODEL_FIELDS, TOP_FIELDS, Config, ConfigError, resolve, save_yaml
+from cifar_dist.config import MODEL_FIELDS, TOP_FIELDS, Config, ConfigError, load_yaml, resolve, save_yaml
 from cifar_dist.data import data_root
 from cifar_dist.model import build_model, count_params
 
@@ -39,15 +37,10 @@ class SearchError(ValueError):
 # --- the search space ------------------------------------------------------------------------------
 
 def load_space(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SearchError(f"search space {path} does not exist")
     try:
-        space = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SearchError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(space, dict):
-        raise SearchError(f"search space {path} must be a mapping of settings")
-    return space
+        return load_yaml(path)
+    except ConfigError as e:
+        raise SearchError(f"search space: {e}") from None
 
 
 def candidates(key: str, spec: Any) -> list[Any]:
