@@ -332,7 +332,7 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> str:
     return "\n".join(lines)
 
 
-def write_best(rows: list[dict[str, Any]], results, base: dict[str, Any], search_dir: Path) -> Path | None:
+def write_best(results, base: dict[str, Any], search_dir: Path) -> Path | None:
     ok = [r for r in results if not r.error and (r.metrics or {}).get("val_acc") is not None]
     if not ok:
         return None
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     results = tuner.fit()
     rows = collect(results, args, base)
     print(write_table(rows, search_dir / "results.csv"))
-    best = write_best(rows, results, base, search_dir)
+    best = write_best(results, base, search_dir)
     if best is None:
         print(f"{PROG}: error: no trial finished an epoch; see {search_dir}/trials", file=sys.stderr)
         return 1
