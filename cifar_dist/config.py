@@ -41,6 +41,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "resnet18": dict(stem_width=64, stem_pool="none", widths=[64, 128, 256, 512], blocks=[2, 2, 2, 2],
                      strides=[1, 2, 2, 2], head="gap", stride_conv="first", relu_after_add=True,
                      conv_bias=False),
+    # airbench94's network (Jordan 2024) in this family: a frozen 2x2 whitening stem, then three
+    # conv -> max-pool -> BN -> GELU stages of widths 64/256/256 each followed by one plain conv,
+    # BatchNorm shifts only, max-pooled head scaled by 1/9. 1,971,352 trainable parameters.
+    "fast": dict(stem="whiten", stem_width=24, stem_kernel=2, stem_pool="none", stage="convpool", block="plain",
+                 widths=[64, 256, 256], blocks=[1, 1, 1], strides=[2, 2, 2], head="max", head_bias=False,
+                 logit_scale=1 / 9, act="gelu", bn_momentum=0.4, bn_eps=1e-12, bn_weight=False, dirac_init=True,
+                 conv_bias=False),
 }
 
 # Training recipes, as overrides of the Config defaults (the defaults are the `default` recipe).
@@ -51,7 +58,18 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tutorial": dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, crop_padding=0, flip="none",
                      normalize="imagenet", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
                      warmup=0.0, tta="none"),
+    # airbench94's training (Jordan 2024): batch 1024, Nesterov SGD momentum 0.85, lr 1.5 per mean loss
+    # (11.5 per 1024 summed), the same weight decay per step on every parameter, BatchNorm lr x64,
+    # triangular schedule 0.2 -> 1 (23 %) -> 0.07, label smoothing 0.2, 2-pixel reflect translations,
+    # alternating flips, lookahead EMA, whitening bias trained 3 epochs, 6-view TTA.
+    "fast": dict(optimizer="sgd", batch_size=1024, epochs=10, lr=1.5, momentum=0.85, nesterov=True,
+                 weight_decay=0.0153 / (1 + 1 / 0.15) / 1.5, decay_all=True, norm_lr_scale=64.0,
+                 label_smoothing=0.2, schedule="onecycle", warmup=0.23, lr_start=0.2, lr_end=0.07,
+                 crop_padding=2, crop_mode="reflect", flip="alternate", tta="flip-translate", lookahead=True,
+                 whiten_bias_epochs=3, normalize="dataset"),
 }
+# The recipe a preset trains with unless --recipe says otherwise.
+PRESET_RECIPE = {"fast": "fast"}
 
 
 @dataclass
@@ -68,6 +86,7 @@ class Config:
     val_size: int = opt(0, "hold out N training images (fixed by --seed) as a validation set")
     eval_test: bool = opt(True, "evaluate on the test set every epoch (Tune trials rank on validation only)")
     crop_padding: int = opt(4, "random-crop augmentation: pad by N pixels then crop (0: off)")
+    crop_mode: str = opt("zeros", "padding for the random crop: zeros or reflect")
     flip: str = opt("random", "horizontal flips: none, random, alternate (flip each image every other epoch)")
     normalize: str = opt("dataset", "normalisation: dataset (its own mean/std) or imagenet")
     # optimisation
@@ -78,12 +97,19 @@ class Config:
     lr: float = opt(0.2, "peak learning rate")
     momentum: float = opt(0.9, "SGD momentum")
     nesterov: bool = opt(True, "Nesterov momentum for SGD")
-    weight_decay: float = opt(1e-3, "weight decay (not applied to BatchNorm and biases)")
+    weight_decay: float = opt(1e-3, "weight decay (not applied to BatchNorm and biases unless --decay-all)")
+    decay_all: bool = opt(False, "weight decay on BatchNorm and biases too, at the same rate per step")
+    norm_lr_scale: float = opt(1.0, "lr multiplier of the BatchNorm parameters")
     head_lr_scale: float = opt(0.0, "lr multiplier of the final linear layer; 0: auto, min(1, 512 / its inputs) "
                                     "for SGD (a flatten head's step grows with its fan-in), 1 for Adam")
     label_smoothing: float = opt(0.1, "label smoothing of the cross-entropy loss")
     schedule: str = opt("onecycle", "lr schedule: constant, onecycle (linear warm-up, linear decay), cosine")
     warmup: float = opt(0.15, "fraction of training spent warming up the learning rate")
+    lr_start: float = opt(0.0, "onecycle: the lr at the start of warm-up, as a fraction of the peak")
+    lr_end: float = opt(0.0, "onecycle: the lr at the end of training, as a fraction of the peak")
+    lookahead: bool = opt(False, "every 5 steps pull the weights to their EMA (decay rising to 0.95^5 as "
+                                 "training ends); the final weights are the EMA's (airbench)")
+    whiten_bias_epochs: int = opt(3, "a whitening stem's bias trains for the first N epochs, then stays fixed")
     # speed
     mixed_precision: str = opt("", "no, bf16 or fp16 (GPU only); default: what accelerate launch says")
     channels_last: bool = opt(True, "channels-last memory layout (faster convolutions)")
@@ -91,6 +117,7 @@ class Config:
     tta: str = opt("flip", "test-time augmentation at evaluation: none, flip (average with the mirror image), "
                            "flip-translate (also 1-pixel shifts)")
     eval_batch_size: int = opt(1000, "batch size for evaluation, per process")
+    eval_every: int = opt(1, "evaluate every N epochs (and always after the last)")
     # tracking and pictures
     tracker: str = opt("none", "none, wandb, tensorboard or wandb,tensorboard (main process only)")
     run_name: str = opt("", "tracker run name; default: the output directory's name")
@@ -105,7 +132,7 @@ class Config:
 
 
 CHOICES = dict(dataset=("cifar10", "synthetic"), tta=("none", "flip", "flip-translate"),
-               flip=("none", "random", "alternate"),
+               flip=("none", "random", "alternate"), crop_mode=("zeros", "reflect"),
                normalize=("dataset", "imagenet"), optimizer=("sgd", "adam"),
                schedule=("constant", "onecycle", "cosine"), mixed_precision=("", "no", "bf16", "fp16"),
                preset=tuple(PRESETS), recipe=tuple(RECIPES))
@@ -117,22 +144,24 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"unknown {name} {getattr(cfg, name)!r}; choose from "
                               f"{', '.join(a for a in allowed if a)}")
     for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every",
-                 "feature_channels"):
+                 "feature_channels", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(cfg, name)}")
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise ConfigError(f"lr must be a positive number, got {cfg.lr}")
-    for name in ("weight_decay", "momentum", "warmup", "label_smoothing"):
+    for name in ("weight_decay", "momentum", "warmup", "label_smoothing", "lr_start", "lr_end"):
         value = getattr(cfg, name)
         if not math.isfinite(value) or value < 0 or (name != "weight_decay" and value >= 1):
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
     if not math.isfinite(cfg.head_lr_scale) or cfg.head_lr_scale < 0:
         raise ConfigError(f"head_lr_scale must be >= 0, got {cfg.head_lr_scale}")
+    if not math.isfinite(cfg.norm_lr_scale) or cfg.norm_lr_scale <= 0:
+        raise ConfigError(f"norm_lr_scale must be positive, got {cfg.norm_lr_scale}")
     try:
         tracking.parse(cfg.tracker)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ("train_subset", "test_subset", "val_size", "crop_padding", "feature_maps_every"):
+    for name in ("train_subset", "test_subset", "val_size", "crop_padding", "feature_maps_every", "whiten_bias_epochs"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     try:
@@ -233,8 +262,14 @@ MODEL_HELP = dict(
     widths="channels of each stage, e.g. 64,128,256", blocks="residual blocks per stage, e.g. 2,2,2",
     strides="stride of each stage (1 or 2), e.g. 1,2,2", head="gap (global average pool) or flatten",
     stride_conv="which conv of a block carries its stride: first or second",
-    relu_after_add="ReLU after each residual add", conv_bias="bias in convolutions",
-    num_classes="number of classes")
+    relu_after_add="activation after each residual add", conv_bias="bias in convolutions",
+    num_classes="number of classes",
+    stem="conv, or whiten: a frozen patch-whitening conv set from the data (stem_width = 2*3*k*k)",
+    stage="resnet (strided blocks) or convpool (conv, 2x2 max-pool, BN, act, then 0..n blocks)",
+    block="basic (residual, two convs) or plain (conv-BN-act, no shortcut)", act="relu or gelu",
+    bn_momentum="BatchNorm running-stat momentum (PyTorch convention)", bn_eps="BatchNorm epsilon",
+    bn_weight="learnable BatchNorm scales (off: fixed at 1)", head_bias="bias in the final linear layer",
+    logit_scale="multiply the logits by this", dirac_init="3x3 convs start as identity on their first channels")
 
 
 def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -243,9 +278,10 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
     file_values = load_yaml(args.pop("config")) if "config" in args else {}
     overrides = overrides or {}
     layers = [(file_values, "the config file"), (overrides, "overrides"), (args, "the command line")]
-    preset, recipe = "seed3", "default"
+    preset, recipe = "seed3", None
     for values, _ in layers:
         preset, recipe = values.get("preset", preset), values.get("recipe", recipe)
+    recipe = recipe or PRESET_RECIPE.get(preset, "default")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if recipe not in RECIPES:

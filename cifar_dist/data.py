@@ -197,11 +197,12 @@ def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
 
 
-def augment(images: torch.Tensor, padding: int, flip: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding then per-image shift) and given flips, for a uint8 batch."""
+def augment(images: torch.Tensor, padding: int, flip: torch.Tensor | None, g: torch.Generator,
+            mode: str = "zeros") -> torch.Tensor:
+    """Random crop (zero or reflect padding, then a per-image shift) and given flips, for a uint8 batch."""
     if padding:
         n, c, h, w = images.shape
-        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
         dy, dx = (torch.randint(0, 2 * padding + 1, (2, n), generator=g)).to(images.device)
         rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
@@ -244,7 +245,7 @@ def train_batches(split: Split, cfg, epoch: int, rank: int, world: int) -> Itera
         for m in mine.split(micro):
             flip = flip_mask(cfg.flip, m, epoch, cfg.seed, aug_g)
             m = m.to(split.images.device)
-            yield augment(split.images[m], cfg.crop_padding, flip, aug_g), split.labels[m]
+            yield augment(split.images[m], cfg.crop_padding, flip, aug_g, cfg.crop_mode), split.labels[m]
 
 
 def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -107,15 +107,18 @@ def confusion_figure(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
 def curves_figure(history: list[dict]) -> np.ndarray:
     """Loss and accuracy per epoch, train and test (and validation when held out)."""
     plt = pyplot()
-    epochs = [m["epoch"] for m in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for split in ("train", "val", "test"):
-        if f"{split}_loss" in history[0]:
-            ax1.plot(epochs, [m[f"{split}_loss"] for m in history], marker="o", ms=3, label=split)
-            ax2.plot(epochs, [100 * m[f"{split}_acc"] for m in history], marker="o", ms=3, label=split)
+        done = [m for m in history if f"{split}_loss" in m]  # (--eval-every skips epochs)
+        if done:
+            epochs = [m["epoch"] for m in done]
+            ax1.plot(epochs, [m[f"{split}_loss"] for m in done], marker="o", ms=3, label=split)
+            ax2.plot(epochs, [100 * m[f"{split}_acc"] for m in done], marker="o", ms=3, label=split)
     ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    final = "test" if "test_acc" in history[-1] else "val"
-    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=f"accuracy (final {final} {100 * history[-1][f'{final}_acc']:.2f}%)")
+    last = next((m for m in reversed(history) if "test_acc" in m or "val_acc" in m), None)
+    final = "test" if last and "test_acc" in last else "val"
+    title = f"accuracy (last {final} {100 * last[f'{final}_acc']:.2f}%)" if last else "accuracy"
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()

@@ -1,7 +1,11 @@
 """One ResNet family for CIFAR-10, described by a small spec (stem, stages, head).
 
-Every preset (the tutorial's `seed2`/`seed3`, `resnet18`, ...) and every Ray Tune trial is a
-`ModelSpec`; `build_model` turns any valid spec into an `nn.Module`.
+Every preset (the tutorial's `seed2`/`seed3`, `resnet18`, the airbench-shaped `fast`, ...) and every
+Ray Tune trial is a `ModelSpec`; `build_model` turns any valid spec into an `nn.Module`.
+
+Two stage forms: `resnet` (blocks, the first one strided) and `convpool` (conv -> 2x2 max-pool ->
+BN -> activation, then 0..n blocks: the ResNet-9 / airbench shape). Blocks are `basic` (residual,
+two convs) or `plain` (one conv-BN-activation, no shortcut: airbench's second conv).
 """
 from __future__ import annotations
 
@@ -28,6 +32,16 @@ class ModelSpec:
     relu_after_add: bool = True  # the tutorial's 2-block net has no ReLU after the residual add
     conv_bias: bool = False  # the tutorial used nn.Conv2d's default bias=True
     num_classes: int = 10
+    stem: str = "conv"  # conv: conv-BN-act | whiten: frozen patch-whitening conv (2*3*k*k channels) + act
+    stage: str = "resnet"  # resnet | convpool (see the module docstring)
+    block: str = "basic"  # basic: residual two-conv block | plain: conv-BN-act without shortcut
+    act: str = "relu"  # relu | gelu
+    bn_momentum: float = 0.1  # PyTorch's convention: weight of the new batch in the running stats
+    bn_eps: float = 1e-5
+    bn_weight: bool = True  # False: BatchNorm scales fixed at 1, only the shifts learn (airbench)
+    head_bias: bool = True
+    logit_scale: float = 1.0  # multiply the logits (airbench: 1/9)
+    dirac_init: bool = False  # 3x3 convs start as identity on their first input channels
 
 
 def check_spec(spec: ModelSpec) -> None:
@@ -39,51 +53,91 @@ def check_spec(spec: ModelSpec) -> None:
                         f"{len(spec.widths)}, {len(spec.blocks)} and {len(spec.strides)}")
     if spec.stem_width <= 0 or any(w <= 0 for w in spec.widths):
         raise SpecError(f"widths must be positive, got stem {spec.stem_width} and {spec.widths}")
-    if any(b <= 0 for b in spec.blocks):
-        raise SpecError(f"every stage needs at least one block, got blocks {spec.blocks}")
-    if any(s not in (1, 2) for s in spec.strides):
-        raise SpecError(f"strides must be 1 or 2, got {spec.strides}")
-    if spec.stem_kernel not in (1, 3, 5, 7):
-        raise SpecError(f"stem_kernel must be 1, 3, 5 or 7, got {spec.stem_kernel}")
     for name, value, allowed in (("stem_pool", spec.stem_pool, ("none", "avg", "max")),
-                                 ("head", spec.head, ("gap", "flatten")),
-                                 ("stride_conv", spec.stride_conv, ("first", "second"))):
+                                 ("head", spec.head, ("gap", "flatten", "max")),
+                                 ("stride_conv", spec.stride_conv, ("first", "second")),
+                                 ("stem", spec.stem, ("conv", "whiten")),
+                                 ("stage", spec.stage, ("resnet", "convpool")),
+                                 ("block", spec.block, ("basic", "plain")),
+                                 ("act", spec.act, ("relu", "gelu"))):
         if value not in allowed:
             raise SpecError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if any(b < (0 if spec.stage == "convpool" else 1) for b in spec.blocks):
+        raise SpecError(f"every stage needs at least one block (convpool stages: zero or more), got blocks {spec.blocks}")
+    if any(s not in (1, 2) for s in spec.strides):
+        raise SpecError(f"strides must be 1 or 2, got {spec.strides}")
+    if spec.stem == "whiten":
+        if spec.stem_kernel not in (1, 2, 3):
+            raise SpecError(f"a whitening stem_kernel must be 1, 2 or 3, got {spec.stem_kernel}")
+        if spec.stem_width != 2 * 3 * spec.stem_kernel ** 2:
+            raise SpecError(f"a whitening stem has 2*3*k*k channels: stem_width must be "
+                            f"{2 * 3 * spec.stem_kernel ** 2} for stem_kernel {spec.stem_kernel}, got {spec.stem_width}")
+    elif spec.stem_kernel not in (1, 3, 5, 7):
+        raise SpecError(f"stem_kernel must be 1, 3, 5 or 7, got {spec.stem_kernel}")
+    if not 0 < spec.bn_momentum <= 1 or not 0 < spec.bn_eps < 1:
+        raise SpecError(f"bn_momentum must be in (0, 1] and bn_eps in (0, 1), got {spec.bn_momentum} and {spec.bn_eps}")
+    if not spec.logit_scale > 0:
+        raise SpecError(f"logit_scale must be positive, got {spec.logit_scale}")
     if spec.num_classes < 2:
         raise SpecError(f"num_classes must be >= 2, got {spec.num_classes}")
+    if output_size(spec) < 1:
+        raise SpecError(f"the strides {spec.strides} shrink a 32x32 image to nothing")
 
 
 def output_size(spec: ModelSpec, input_size: int = 32) -> int:
     """Side length of the last feature map (3x3 convs/pools with padding 1 give ceil(n/stride))."""
-    size = input_size
+    size = input_size - spec.stem_kernel + 1 if spec.stem == "whiten" else input_size  # (no padding)
     if spec.stem_pool != "none":
         size = (size + 1) // 2
-    for s in spec.strides:
-        size = (size + s - 1) // s
+    for s in spec.strides:  # a convpool stage's 2x2 max-pool floors
+        size = size // s if spec.stage == "convpool" else (size + s - 1) // s
     return size
 
 
-def conv_bn(cin: int, cout: int, kernel: int, stride: int, bias: bool) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=bias),
-                         nn.BatchNorm2d(cout))
+def norm(cout: int, spec: ModelSpec) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(cout, eps=spec.bn_eps, momentum=spec.bn_momentum)
+    bn.weight.requires_grad_(spec.bn_weight)
+    return bn
+
+
+def conv_bn(cin: int, cout: int, kernel: int, stride: int, spec: ModelSpec) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=spec.conv_bias), norm(cout, spec))
+
+
+def activation(spec: ModelSpec) -> nn.Module:
+    return nn.GELU() if spec.act == "gelu" else nn.ReLU(inplace=True)
 
 
 class Block(nn.Module):
-    """Basic residual block: conv-BN-ReLU-conv-BN + shortcut (1x1 conv-BN when the shape changes)."""
+    """Basic residual block: conv-BN-act-conv-BN + shortcut (1x1 conv-BN when the shape changes)."""
 
     def __init__(self, cin: int, cout: int, stride: int, spec: ModelSpec):
         super().__init__()
         s1, s2 = (stride, 1) if spec.stride_conv == "first" else (1, stride)
-        self.conv1 = conv_bn(cin, cout, 3, s1, spec.conv_bias)
-        self.conv2 = conv_bn(cout, cout, 3, s2, spec.conv_bias)
-        self.shortcut = (conv_bn(cin, cout, 1, stride, spec.conv_bias)
-                         if stride != 1 or cin != cout else nn.Identity())
-        self.relu_after_add = spec.relu_after_add
+        self.conv1 = conv_bn(cin, cout, 3, s1, spec)
+        self.conv2 = conv_bn(cout, cout, 3, s2, spec)
+        self.shortcut = conv_bn(cin, cout, 1, stride, spec) if stride != 1 or cin != cout else nn.Identity()
+        self.act = activation(spec)
+        self.act_after_add = spec.relu_after_add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv2(torch.relu(self.conv1(x))) + self.shortcut(x)
-        return torch.relu(out) if self.relu_after_add else out
+        out = self.conv2(self.act(self.conv1(x))) + self.shortcut(x)
+        return self.act(out) if self.act_after_add else out
+
+
+class PlainBlock(nn.Sequential):
+    """conv-BN-act, no shortcut (airbench's second conv of a group)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, spec: ModelSpec):
+        super().__init__(*conv_bn(cin, cout, 3, stride, spec), activation(spec))
+
+
+class ConvPool(nn.Sequential):
+    """conv -> 2x2 max-pool (stride 2 only) -> BN -> act: a stage's entry in ResNet-9 and airbench."""
+
+    def __init__(self, cin: int, cout: int, stride: int, spec: ModelSpec):
+        super().__init__(nn.Conv2d(cin, cout, 3, 1, 1, bias=spec.conv_bias),
+                         nn.MaxPool2d(2) if stride == 2 else nn.Identity(), norm(cout, spec), activation(spec))
 
 
 class ResNet(nn.Module):
@@ -92,23 +146,51 @@ class ResNet(nn.Module):
         check_spec(spec)
         self.spec = spec
         pool = {"none": nn.Identity(), "avg": nn.AvgPool2d(3, 2, 1), "max": nn.MaxPool2d(3, 2, 1)}
-        self.stem = nn.Sequential(conv_bn(3, spec.stem_width, spec.stem_kernel, 1, spec.conv_bias),
-                                  nn.ReLU(inplace=True), pool[spec.stem_pool])
+        if spec.stem == "whiten":
+            whiten = nn.Conv2d(3, spec.stem_width, spec.stem_kernel, bias=True)
+            whiten.weight.requires_grad_(False)  # set from the data by init_whitening, then fixed
+            self.stem = nn.Sequential(whiten, activation(spec), pool[spec.stem_pool])
+        else:
+            self.stem = nn.Sequential(conv_bn(3, spec.stem_width, spec.stem_kernel, 1, spec), activation(spec),
+                                      pool[spec.stem_pool])
         blocks, cin = [], spec.stem_width
+        block = Block if spec.block == "basic" else PlainBlock
         for width, n, stride in zip(spec.widths, spec.blocks, spec.strides):
+            if spec.stage == "convpool":
+                blocks.append(ConvPool(cin, width, stride, spec))
+                stride, cin = 1, width
             for i in range(n):
-                blocks.append(Block(cin, width, stride if i == 0 else 1, spec))
+                blocks.append(block(cin, width, stride if i == 0 else 1, spec))
                 cin = width
         # A flat list so feature-map hooks can name every block: blocks.0, blocks.1, ...
         self.blocks = nn.Sequential(*blocks)
-        if spec.head == "gap":
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, spec.num_classes))
-        else:
-            flat = cin * output_size(spec) ** 2
-            self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, spec.num_classes))
+        linear = nn.Linear(cin * (output_size(spec) ** 2 if spec.head == "flatten" else 1), spec.num_classes,
+                           bias=spec.head_bias)
+        pooling = {"gap": [nn.AdaptiveAvgPool2d(1)], "max": [nn.AdaptiveMaxPool2d(1)], "flatten": []}[spec.head]
+        self.head = nn.Sequential(*pooling, nn.Flatten(), linear)
+        self.logit_scale = spec.logit_scale
+        if spec.dirac_init:
+            for m in self.blocks.modules():
+                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+                    nn.init.dirac_(m.weight.data[:m.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        logits = self.head(self.blocks(self.stem(x)))
+        return logits * self.logit_scale if self.logit_scale != 1 else logits
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set a whitening stem from normalised training images: the filters are the eigenvectors of
+        the k x k patch covariance scaled by 1/sqrt(eigenvalue), and their negatives (so the
+        activation after it keeps both signs). Known from airbench (Jordan 2024)."""
+        conv = self.stem[0]
+        k = conv.kernel_size[0]
+        patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues[:, None] + eps)).flip(0)  # largest first
+        filters = filters.view(-1, 3, k, k).float()  # each patch was flattened in (c, h, w) order
+        conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight))
 
 
 def build_model(spec: ModelSpec) -> ResNet:

@@ -27,13 +27,15 @@ from tqdm.auto import tqdm
 
 from cifar_dist import data as D
 from cifar_dist import features as F
+from cifar_dist import flops as FL
 from cifar_dist import tracking
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, load_yaml, to_dict
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
 
 PROG = "cifar_dist.train"
 # Settings that make a run what it is: a directory holding a run with other values is refused.
-IDENTITY = ("model", "dataset", "train_subset", "val_size", "seed", "optimizer", "batch_size", "grad_accum")
+IDENTITY = ("model", "dataset", "train_subset", "val_size", "seed", "optimizer", "batch_size", "grad_accum",
+            "lookahead")
 
 
 class Diverged(RuntimeError):
@@ -56,6 +58,33 @@ class TrainState:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for k in self.FIELDS:
             setattr(self, k, d.get(k, getattr(self, k)))
+
+
+class Lookahead:
+    """airbench's lookahead EMA: every 5 steps the EMA moves toward the weights and the weights jump
+    to the EMA. Its decay rises as 0.95^5 * progress^3 (early training is barely held back); at the
+    last step the weights become the EMA. BatchNorm running statistics are averaged too."""
+
+    def __init__(self, model: torch.nn.Module, total_steps: int, every: int = 5):
+        self.tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}  # views of the weights
+        self.ema = {k: v.detach().clone() for k, v in self.tensors.items()}
+        self.total, self.every = total_steps, every
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if step % self.every and step < self.total:
+            return
+        decay = 1.0 if step >= self.total else 0.95 ** 5 * (step / self.total) ** 3
+        for k, v in self.tensors.items():
+            self.ema[k].lerp_(v, 1 - decay)
+            v.copy_(self.ema[k])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.ema.items()}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        for k, v in self.ema.items():
+            v.copy_(d[k])
 
 
 class Preemption:
@@ -183,17 +212,30 @@ def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimize
 # --- optimisation --------------------------------------------------------------------------------
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only (not BatchNorm or biases); the head's lr scaled."""
+    """One parameter group per kind: conv weights, biases, BatchNorm (lr x norm_lr_scale), the head
+    (lr scaled down with its fan-in for SGD), a whitening stem's bias (frozen later by its lr factor).
+    Weight decay on conv/linear weights only; with decay_all on everything, at the same rate per step."""
     head = model.head[-1]
-    scale = cfg.head_lr_scale or (min(1.0, 512 / head.in_features) if cfg.optimizer == "sgd" else 1.0)
+    head_scale = cfg.head_lr_scale or (min(1.0, 512 / head.in_features) if cfg.optimizer == "sgd" else 1.0)
     head_ids = {id(p) for p in head.parameters()}
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                for p in m.parameters()}
+    stem_bias = model.stem[0].bias if cfg.model.stem == "whiten" else None
+
+    def kind(p: torch.nn.Parameter) -> str:
+        if id(p) in head_ids:
+            return "head" if p.ndim > 1 else "head_bias"
+        if p is stem_bias:
+            return "stem_bias"
+        return "norm" if id(p) in norm_ids else "weights" if p.ndim > 1 else "biases"
+
+    scales = dict(weights=1.0, biases=1.0, norm=cfg.norm_lr_scale, head=head_scale, head_bias=head_scale, stem_bias=1.0)
     groups = []
-    for is_head in (False, True):
-        for decay in (True, False):
-            params = [p for p in model.parameters() if (id(p) in head_ids) == is_head and (p.ndim > 1) == decay]
-            if params:
-                groups.append(dict(params=params, weight_decay=cfg.weight_decay if decay else 0.0,
-                                   lr=cfg.lr * (scale if is_head else 1.0)))
+    for name, scale in scales.items():
+        params = [p for p in model.parameters() if p.requires_grad and kind(p) == name]
+        decay = cfg.weight_decay / scale if cfg.decay_all else cfg.weight_decay if name in ("weights", "head") else 0.0
+        if params:
+            groups.append(dict(params=params, weight_decay=decay, lr=cfg.lr * scale, name=name))
     if cfg.optimizer == "adam":
         return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
@@ -207,11 +249,24 @@ def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
         if cfg.schedule == "constant":
             return 1.0
         if step < warm:
-            return (step + 1) / warm
+            return cfg.lr_start + (1 - cfg.lr_start) * (step + 1) / warm
         t = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 1.0 - t if cfg.schedule == "onecycle" else 0.5 * (1.0 + math.cos(math.pi * t))
+        if cfg.schedule == "onecycle":
+            return 1.0 - t * (1 - cfg.lr_end)
+        return 0.5 * (1.0 + math.cos(math.pi * t))
 
     return factor
+
+
+def lr_factors(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list[Callable[[int], float]]:
+    """The schedule for every group; a whitening stem's bias stops (lr 0) after whiten_bias_epochs."""
+    factor = lr_factor(cfg, steps_per_epoch * cfg.epochs)
+    frozen_from = cfg.whiten_bias_epochs * steps_per_epoch
+
+    def stem_bias(step: int) -> float:
+        return factor(step) if step < frozen_from else 0.0
+
+    return [stem_bias if g.get("name") == "stem_bias" else factor for g in optimizer.param_groups]
 
 
 def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Config,
@@ -234,18 +289,18 @@ def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Con
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Logits, averaged over test-time augmentations: the mirror image, and 1-pixel shifts."""
-    logits = model(x).float()
+    """Logits, averaged over test-time augmentations: flip averages with the mirror image;
+    flip-translate (airbench's 6 views) gives that half the weight and the mirrored pair of each
+    1-pixel diagonal shift (up-left, down-right) a quarter each."""
     if tta == "none":
-        return logits
-    logits = logits + model(x.flip(-1)).float()
+        return model(x).float()
+    logits = 0.5 * (model(x).float() + model(x.flip(-1)).float())
     if tta == "flip-translate":
         padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         h, w = x.shape[-2:]
-        shifted = model(padded[..., :h, :w]).float() + model(padded[..., 2:, 2:]).float()
-        logits = logits + 0.5 * shifted
-        return logits / 3
-    return logits / 2
+        shifted = [predict(model, view, "flip") for view in (padded[..., :h, :w], padded[..., 2:, 2:])]
+        return 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
+    return logits
 
 
 def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch.nn.Module, images: torch.Tensor,
@@ -319,7 +374,12 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     main_set = evals[main_name]
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(device)
 
+    if cfg.lookahead and deepspeed:
+        raise ConfigError("--lookahead does not work under DeepSpeed (ZeRO keeps its own copy of the weights); "
+                          "use --no-lookahead or the ddp backend")
     model = build_model(cfg.model)
+    if cfg.model.stem == "whiten":  # from the first 5000 training images, the same on every rank
+        model.init_whitening(norm(train_set.images[:5000]).cpu())
     params, nbytes = count_params(model), model_bytes(model)
     if cfg.channels_last and accelerator.state.deepspeed_plugin is None:  # DeepSpeed's broadcast needs contiguous
         model = model.to(memory_format=torch.channels_last)
@@ -330,9 +390,12 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
     steps_per_epoch = len(train_set) // cfg.batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch * cfg.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(cfg, optimizer, steps_per_epoch))
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
+    lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs) if cfg.lookahead else None
+    if lookahead is not None:
+        accelerator.register_for_checkpointing(lookahead)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     if ckpts := checkpoints(out):
@@ -375,6 +438,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
                 if accelerator.sync_gradients:
                     scheduler.step()
                     state.step += 1
+                    if lookahead is not None:
+                        lookahead.update(state.step)
                 optimizer.zero_grad(set_to_none=True)
             sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum(),
                                  torch.tensor(len(y), device=device)]).double()
@@ -399,8 +464,9 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         if not math.isfinite(loss_sum):
             raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
         metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
-        for name, split in evals.items():
-            metrics[f"{name}_loss"], metrics[f"{name}_acc"], confusion = evaluate(model, split, norm, cfg, accelerator)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            for name, split in evals.items():
+                metrics[f"{name}_loss"], metrics[f"{name}_acc"], confusion = evaluate(model, split, norm, cfg, accelerator)
         seconds = time.perf_counter() - t0
         metrics.update(lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
                        step=state.step)
@@ -417,7 +483,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
                                  state.step)
         say(accelerator, 
             f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2%}"
-            + "".join(f" | {n} loss {metrics[f'{n}_loss']:.4f} acc {metrics[f'{n}_acc']:6.2%}" for n in evals)
+            + "".join(f" | {n} loss {metrics[f'{n}_loss']:.4f} acc {metrics[f'{n}_acc']:6.2%}" for n in evals
+                      if f"{n}_acc" in metrics)
             + f" | lr {metrics['lr']:.3g} | {metrics['images_per_second']:,.0f} img/s | {seconds:.1f}s")
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(out)[-1])
@@ -438,7 +505,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     summary = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg))
     for name in evals:
         summary[f"{name}_acc"] = state.history[-1][f"{name}_acc"]
-        summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in state.history)
+        summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in state.history if f"{name}_acc" in m)
+    summary.update(FL.run_flops(cfg, len(train_set), sum(len(s) for s in evals.values())))
     summary.update(epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
                    mixed_precision=precision, device=device.type, total_seconds=state.seconds,
                    distributed_type=str(accelerator.distributed_type), engine=type(model).__name__,

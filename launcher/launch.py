@@ -126,6 +126,24 @@ def command(world: World, backend: str, train_args: list[str]) -> tuple[dict[str
     return env, cmd + [str(TRAIN), *train_args]
 
 
+def deepspeed_env(backend: str) -> dict[str, str]:
+    """What `accelerate launch --config_file launcher/<backend>.yaml` puts in the environment for
+    DeepSpeed, for processes another launcher starts (the Ray Train workers of a Tune trial)."""
+    import yaml
+
+    config = yaml.safe_load(BACKENDS[backend].read_text())
+    ds = config.get("deepspeed_config") or {}
+    if config.get("distributed_type") != "DEEPSPEED":
+        return {}
+    return {"ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds.get("zero_stage", 2)),
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": str(ds.get("offload_optimizer_device", "none")),
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": str(ds.get("offload_param_device", "none")),
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(ds.get("gradient_accumulation_steps", 1)),
+            "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(ds.get("zero3_init_flag", False)).lower(),
+            "ACCELERATE_MIXED_PRECISION": str(config.get("mixed_precision", "no"))}
+
+
 def forward_signals(child: subprocess.Popen) -> None:
     """Pass SIGUSR1/SIGTERM to the training processes themselves (not to accelerate's launcher, which
     would die of SIGUSR1): they checkpoint at the next step and exit cleanly."""

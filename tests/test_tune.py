@@ -107,6 +107,21 @@ def test_two_worker_ddp_trial(tmp_path):
     assert rows(out)[0]["status"] == "completed"
 
 
+def test_deepspeed_zero2_trial(tmp_path):
+    out = tmp_path / "s"
+    r = search(["--space", space(tmp_path, lr=0.05), "--num-samples", "1", "--max-epochs", "1", "--backend",
+                "deepspeed-zero2", "--workers-per-trial", "2", "--cpus-per-trial", "0.5", "--output-dir", str(out),
+                "--retrain-best", "--test-subset", "100"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (trial,) = [p for p in (out / "trials").iterdir() if p.is_dir()]
+    s = summary(trial)
+    assert s["distributed_type"] == "DistributedType.DEEPSPEED" and s["engine"] == "DeepSpeedEngine"
+    assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    assert rows(out)[0]["status"] == "completed"
+    retrained = summary(out / f"best-{trial.name}")  # the best trial retrained once, on the full training set
+    assert retrained["epochs_completed"] == 1 and "test_acc" in retrained and "retrained" in r.stdout
+
+
 @pytest.mark.parametrize("entries, extra, text", [
     ({"lr": {"choice": []}}, [], "lr choice is empty"),
     ({"lr": {"loguniform": [0.5, 0.05]}}, [], "bounds are reversed"),

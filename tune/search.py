@@ -23,6 +23,7 @@ from typing import Any
 from cifar_dist.config import MODEL_FIELDS, TOP_FIELDS, Config, ConfigError, load_yaml, resolve, save_yaml
 from cifar_dist.data import data_root
 from cifar_dist.model import build_model, count_params
+from launcher.launch import BACKENDS, deepspeed_env
 
 PROG = "tune/search.py"
 SPACE = Path(__file__).with_name("space.yaml")
@@ -123,7 +124,7 @@ def trial_config(params: dict[str, Any], base: dict[str, Any], trial_dir: Path |
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, workers: int, use_gpu: bool,
-              per_worker: dict[str, float]) -> None:
+              per_worker: dict[str, float], env: dict[str, str]) -> None:
     """The Tune trainable: the training function of train.py, reporting each epoch to Tune."""
     from ray import tune
 
@@ -139,14 +140,16 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
                 if not target.exists():
                     shutil.copytree(epoch_dir, target)
     overrides_ = {**base, "run_name": trial_id}
-    if workers == 1:
+    if workers == 1 and not env:
         _train_and_report(dict(params=params, base=overrides_, trial_dir=str(trial_dir)))
         return
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    TorchTrainer(_train_and_report, train_loop_config=dict(params=params, base=overrides_, trial_dir=str(trial_dir)),
+    # DeepSpeed needs a process group even for one worker: those trials always go through Ray Train.
+    TorchTrainer(_train_and_report, train_loop_config=dict(params=params, base=overrides_, trial_dir=str(trial_dir),
+                                                           env=env),
                  scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                               resources_per_worker=per_worker),
                  run_config=RunConfig(name=trial_id, storage_path=str(Path(search_dir) / "ray_train"),
@@ -160,6 +163,7 @@ def _train_and_report(config: dict[str, Any]) -> None:
 
     from cifar_dist.train import train
 
+    os.environ.update(config.get("env", {}))  # DeepSpeed: what accelerate launch would have set
     cfg = trial_config(config["params"], config["base"], Path(config["trial_dir"]))
     in_ray_train = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     params = count_params(build_model(cfg.model))
@@ -198,6 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--cpus-per-trial", type=float, default=1, help="CPUs per trial (per worker with --workers-per-trial)")
     a("--gpus-per-trial", type=float, default=0, help="GPUs per trial; fractions share a GPU (0.5: two trials)")
     a("--workers-per-trial", type=int, default=1, help="each trial an N-process DDP job (Ray Train)")
+    a("--backend", default="ddp", choices=sorted(BACKENDS), help="distribution of a trial: ddp or a DeepSpeed "
+      "ZeRO config of the launcher (always Ray Train workers)")
     a("--max-concurrent", type=int, default=0, help="trials at once (0: as many as the resources allow)")
     a("--mixed-precision", default="", help="no, bf16 or fp16 for every trial")
     a("--tracker", default="none", help="tracker of every trial (wandb: one run per trial, grouped by search)")
@@ -230,7 +236,7 @@ def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
     absolute: Ray runs each trial in a working directory of its own."""
     data_dir = str(data_root(args.data_dir).resolve()) if args.dataset == "cifar10" else args.data_dir
     return dict(dataset=args.dataset, data_dir=data_dir, train_subset=args.train_subset, val_size=args.val_size,
-                eval_test=False, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
+                eval_test=False, eval_every=1, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
                 mixed_precision=args.mixed_precision, tracker=args.tracker, group=name)
 
 
@@ -271,12 +277,14 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], search_dir: Path
     base = base_overrides(args, name)
     workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
     per_worker = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
+    env = deepspeed_env(args.backend)
     trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
-                                     use_gpu=use_gpu, per_worker=per_worker)
-    # A DDP trial's function only waits on its Ray Train workers, which ask for the real resources.
-    resources = {"cpu": 0.1} if workers > 1 else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+                                     use_gpu=use_gpu, per_worker=per_worker, env=env)
+    # A Ray Train trial's function only waits on its workers, which ask for the real resources.
+    ray_train = workers > 1 or bool(env)
+    resources = {"cpu": 0.1} if ray_train else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     trainable = tune.with_resources(trainable, resources)
-    if workers > 1 and not args.max_concurrent:  # else trial functions take the CPUs their workers need
+    if ray_train and not args.max_concurrent:  # else trial functions take the CPUs their workers need
         import ray
 
         have = ray.cluster_resources()
@@ -332,7 +340,8 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> str:
     return "\n".join(lines)
 
 
-def write_best(results, base: dict[str, Any], search_dir: Path) -> Path | None:
+def write_best(results, base: dict[str, Any], search_dir: Path) -> tuple[Path, str] | None:
+    """best.yaml, and the best trial's id (a resumed search may crown another trial)."""
     ok = [r for r in results if not r.error and (r.metrics or {}).get("val_acc") is not None]
     if not ok:
         return None
@@ -344,7 +353,7 @@ def write_best(results, base: dict[str, Any], search_dir: Path) -> Path | None:
         setattr(cfg, key, value)
     path = search_dir / "best.yaml"
     save_yaml(cfg, path)
-    return path
+    return path, str(best.metrics.get("trial_id") or Path(best.path or "best").name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,14 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     results = tuner.fit()
     rows = collect(results, args, base)
     print(write_table(rows, search_dir / "results.csv"))
-    best = write_best(results, base, search_dir)
-    if best is None:
+    found = write_best(results, base, search_dir)
+    if found is None:
         print(f"{PROG}: error: no trial finished an epoch; see {search_dir}/trials", file=sys.stderr)
         return 1
+    best, trial = found
     print(f"best: {best} (val acc {rows[0]['val_acc']:.2%}); train it with "
           f"`accelerate launch cifar_dist/train.py --config {best}`")
     if args.retrain_best:
-        out = search_dir / "best"
+        out = search_dir / f"best-{trial}"  # per trial: a resumed search that crowns another one retrains it
         r = subprocess.run([sys.executable, "-m", "cifar_dist.train", "--config", str(best), "--output-dir", str(out),
                             "--test-subset", str(args.test_subset)])
         if r.returncode:

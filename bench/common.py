@@ -1,0 +1,50 @@
+"""What every bench script shares: the machine's name, the command that reproduced a figure, and
+appending a result to a JSON-lines file under bench/results/."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU)"
+    model = platform.processor() or "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {len(os.sched_getaffinity(0))} cores (CPU only), torch {torch.__version__}"
+
+
+def command() -> str:
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def append_result(name: str, record: dict) -> Path:
+    """Append to bench/results/<name> (or to <name> itself when it is an absolute path)."""
+    path = Path(name) if Path(name).is_absolute() else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine=machine(),
+                  command=command(), **record)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Training images/s: the tutorial's loop (bench/tutorial.py) against ours (cifar_dist/train.py) on
+the same `seed3` network and machine, interleaved round by round so both see the same machine state;
+then our loop for every preset, fp32 vs bf16, eager vs torch.compile. One line appended to
+bench/results/throughput.jsonl.
+
+    python bench/throughput.py --data-dir ../shared/cifar10
+    python bench/throughput.py --data-dir ../shared/cifar10 --rounds 1 --presets seed3 --no-compile
+
+Each measurement is its own process. Ours trains 2 epochs over --images images and reports the second
+(warm-up and compilation excluded); the tutorial's loop is timed over its second pass too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT, append_result, machine, table  # noqa: E402
+from cifar_dist.config import PRESETS  # noqa: E402
+
+
+def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool, extra: list[str]) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "cifar_dist.train", "--preset", preset, "--data-dir", data_dir,
+               "--train-subset", str(images), "--test-subset", "500", "--epochs", "2", "--mixed-precision",
+               precision, "--compile" if compiled else "--no-compile", "--output-dir", f"{tmp}/run", *extra]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"bench/throughput.py: error: {' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
+        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        return rows[-1]["images_per_second"]
+
+
+def tutorial(data_dir: str, images: int, workers: int) -> float:
+    cmd = [sys.executable, str(ROOT / "bench" / "tutorial.py"), "--data-dir", data_dir, "--epochs", "2",
+           "--train-subset", str(images), "--test-subset", "500", "--workers", str(workers)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"bench/throughput.py: error: the tutorial loop failed: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.splitlines()[-1])["images_per_second"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default="", help="CIFAR-10 folder (default $CIFAR10_DIR, then ./data)")
+    p.add_argument("--images", type=int, default=5000, help="training images per measured epoch")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved tutorial/ours rounds")
+    p.add_argument("--workers", type=int, default=0, help="the tutorial DataLoader's workers")
+    p.add_argument("--presets", default=",".join(PRESETS), help="presets for the second table ('' : skip it)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure torch.compile in the second table")
+    p.add_argument("--results", default="throughput.jsonl", help="file under bench/results/ (or an absolute path)")
+    a = p.parse_args()
+
+    pairs = []
+    for i in range(a.rounds):
+        t = tutorial(a.data_dir, a.images, a.workers)
+        o = ours(a.data_dir, a.images, "seed3", "no", False, [])
+        pairs.append(dict(round=i + 1, tutorial=round(t), ours=round(o), ratio=f"{o / t:.2f}x"))
+        print(table(pairs[-1:], ["round", "tutorial", "ours", "ratio"]), flush=True)
+    t_med = statistics.median(r["tutorial"] for r in pairs)
+    o_med = statistics.median(r["ours"] for r in pairs)
+    print(f"\nseed3, fp32, {a.images} images per epoch, {machine()}:")
+    print(table(pairs, ["round", "tutorial", "ours", "ratio"]))
+    print(f"median: tutorial {t_med:.0f} img/s, ours {o_med:.0f} img/s: {o_med / t_med:.2f}x\n")
+
+    grid = []
+    presets = [x for x in a.presets.split(",") if x]
+    precisions = ["no", "bf16"]
+    for preset in presets:
+        row = dict(preset=preset)
+        for precision in precisions:
+            for compiled in ([False, True] if a.compile else [False]):
+                n = a.images if preset != "resnet18" else max(1024, a.images // 5)  # resnet18 is ~20x the work
+                n = max(n, 3 * (1024 if preset == "fast" else 256))  # at least 3 steps of the recipe's batch
+                ips = ours(a.data_dir, n, preset, precision, compiled, [])
+                row[f"{'fp32' if precision == 'no' else precision}{'+compile' if compiled else ''}"] = round(ips)
+                print(f"  {preset} {precision} compile={compiled}: {ips:.0f} img/s", flush=True)
+        grid.append(row)
+    if grid:
+        cols = ["preset"] + [c for c in grid[0] if c != "preset"]
+        print(f"\nour loop, training images/s, each preset's own recipe (batch size), {machine()}:")
+        print(table(grid, cols))
+    path = append_result(a.results, dict(images=a.images, tutorial_workers=a.workers, rounds=pairs,
+                                                  median_tutorial=t_med, median_ours=o_med,
+                                                  ratio=round(o_med / t_med, 2), presets=grid))
+    print(f"appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
