@@ -149,6 +149,7 @@ class ResNet(nn.Module):
         if spec.stem == "whiten":
             whiten = nn.Conv2d(3, spec.stem_width, spec.stem_kernel, bias=True)
             whiten.weight.requires_grad_(False)  # set from the data by init_whitening, then fixed
+            nn.init.zeros_(whiten.bias)
             self.stem = nn.Sequential(whiten, activation(spec), pool[spec.stem_pool])
         else:
             self.stem = nn.Sequential(conv_bn(3, spec.stem_width, spec.stem_kernel, 1, spec), activation(spec),

@@ -423,7 +423,9 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     for epoch in range(state.epoch, cfg.epochs):
         t0 = time.perf_counter() - state.partial[3]
         model.train()
-        sums = torch.tensor(state.partial[:3], device=device, dtype=torch.float64)  # loss, correct, count
+        # loss, correct, count of this rank; a mid-epoch checkpoint's sums are the whole world's, so rank 0
+        # alone carries them on (the world may have another size after a requeue)
+        sums = torch.tensor(state.partial[:3] if rank == 0 else [0.0] * 3, device=device, dtype=torch.float64)
         skip, state.batch, state.partial = state.batch, 0, [0.0] * 4
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
@@ -451,7 +453,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
                     raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {state.step}")
                 if stop > 0:
                     bar.close()
-                    state.batch, state.partial = i + 1, [*accelerator.reduce(sums, "sum").div(world).tolist(),
+                    state.batch, state.partial = i + 1, [*accelerator.reduce(sums, "sum").tolist(),
                                                          time.perf_counter() - t0]
                     return stop_and_save(accelerator, out, state, epoch, cfg, preemption)
                 bar.set_postfix(loss=f"{current:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")

@@ -43,7 +43,7 @@ def test_whitening_stem_decorrelates_patches():
     model = build_model(resolve(["--preset", "fast"]).model)
     model.init_whitening(images)
     conv = model.stem[0]
-    assert not conv.weight.requires_grad
+    assert not conv.weight.requires_grad and not conv.bias.any()  # the bias starts at zero (and trains)
     half = torch.nn.functional.conv2d(images, conv.weight[:12])  # the other half is its negative
     assert torch.allclose(conv.weight[12:], -conv.weight[:12])
     flat = half.transpose(0, 1).reshape(12, -1)
