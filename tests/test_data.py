@@ -63,7 +63,7 @@ def test_synthetic_is_balanced_and_deterministic():
 
 
 def cfg(**kw):
-    base = dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random")
+    base = dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random", crop_mode="zeros")
     return SimpleNamespace(**{**base, **kw})
 
 
