@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, append_result, machine, table  # noqa: E402
+from bench.tutorial import run_script  # noqa: E402
 from cifar_dist.config import PRESETS  # noqa: E402
 
 
@@ -37,12 +38,9 @@ def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool
 
 
 def tutorial(data_dir: str, images: int, workers: int) -> float:
-    cmd = [sys.executable, str(ROOT / "bench" / "tutorial.py"), "--data-dir", data_dir, "--epochs", "2",
-           "--train-subset", str(images), "--test-subset", "500", "--workers", str(workers)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench/throughput.py: error: the tutorial loop failed: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout.splitlines()[-1])["images_per_second"]
+    history = run_script(data_dir, ["--epochs", "2", "--train-subset", str(images), "--test-subset", "500",
+                                    "--workers", str(workers)], "bench/throughput.py")
+    return history[-1]["images_per_second"]
 
 
 def main() -> int:

@@ -19,45 +19,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, append_result, machine, table  # noqa: E402
+from bench.tutorial import run_script  # noqa: E402
 
 
-def ours(data_dir: str, target: float, extra: list[str]) -> tuple[float | None, list[dict]]:
+def first_hit(history: list[dict], target: float) -> dict | None:
+    return next((m for m in history if m.get("test_acc", 0) >= target), None)
+
+
+def ours(data_dir: str, target: float, extra: list[str]) -> list[dict]:
     """Run train.py; stop it once an epoch reaches the target. Elapsed = sum of epoch seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, open(f"{tmp}/stderr", "w+") as err:  # a file: a pipe could fill
         metrics = Path(tmp) / "run" / "metrics.jsonl"
         cmd = [sys.executable, "-m", "cifar_dist.train", "--preset", "seed3", "--data-dir", data_dir,
                "--output-dir", f"{tmp}/run", *extra]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
         history: list[dict] = []
-        while True:
-            done = proc.poll() is not None
+        while proc.poll() is None and not first_hit(history, target):
+            time.sleep(2)
             if metrics.exists():
                 history = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-            elapsed = 0.0
-            for m in history:
-                elapsed += m["seconds"]
-                m["elapsed"] = elapsed
-            hit = next((m for m in history if m.get("test_acc", 0) >= target), None)
-            if hit or done:
-                break
-            time.sleep(2)
-        if not done:
-            proc.terminate()
+        proc.terminate()
         proc.wait()
-        if not hit and proc.returncode != 0:
-            raise SystemExit(f"bench/time_to_accuracy.py: error: our run failed: {proc.stderr.read()[-500:]}")
-        return (hit["elapsed"] if hit else None), history
+        if metrics.exists():  # the last epochs may have landed after the last look
+            history = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if not first_hit(history, target) and proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"bench/time_to_accuracy.py: error: our run failed: {err.read()[-500:]}")
+    elapsed = 0.0
+    for m in history:
+        elapsed += m["seconds"]
+        m["elapsed"] = elapsed
+    return history
 
 
-def tutorial(data_dir: str, target: float, epochs: int, subsets: list[str]) -> tuple[float | None, list[dict]]:
-    cmd = [sys.executable, str(ROOT / "bench" / "tutorial.py"), "--data-dir", data_dir, "--epochs", str(epochs),
-           "--target", str(target), *subsets]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench/time_to_accuracy.py: error: the tutorial loop failed: {r.stderr[-500:]}")
-    history = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    hit = next((m for m in history if m["test_acc"] >= target), None)
-    return (hit["elapsed"] if hit else None), history
+def tutorial(data_dir: str, target: float, epochs: int, subsets: list[str]) -> list[dict]:
+    return run_script(data_dir, ["--epochs", str(epochs), "--target", str(target), *subsets],
+                      "bench/time_to_accuracy.py")
 
 
 def main() -> int:
@@ -74,8 +71,9 @@ def main() -> int:
     rows = []
     for name, run in (("ours", lambda: ours(a.data_dir, a.target, [*subsets, *a.train_args])),
                       ("tutorial", lambda: tutorial(a.data_dir, a.target, a.tutorial_epochs, subsets))):
-        seconds, history = run()
-        hit = next((m for m in history if m.get("test_acc", 0) >= a.target), None)
+        history = run()
+        hit = first_hit(history, a.target)
+        seconds = hit["elapsed"] if hit else None
         rows.append(dict(loop=name, seconds=f"{seconds:.0f}" if seconds else "never",
                          epoch=hit["epoch"] if hit else f">{len(history)}",
                          best=f"{100 * max(m.get('test_acc', 0) for m in history):.2f}", _s=seconds,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,15 @@ def run(data_dir: str, epochs: int, train_subset: int = 0, test_subset: int = 0,
         if target and m["test_acc"] >= target:
             break
     return history
+
+
+def run_script(data_dir: str, args: list[str], who: str) -> list[dict]:
+    """This file as its own process (a clean process per measurement); its per-epoch history."""
+    cmd = [sys.executable, __file__, "--data-dir", data_dir, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{who}: error: the tutorial loop failed: {r.stderr.strip()[-500:]}")
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
 
 def main() -> int:

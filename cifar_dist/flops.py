@@ -5,7 +5,6 @@ forward+backward through the model, times the images a run trains and evaluates.
 """
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -15,9 +14,8 @@ from cifar_dist.config import Config, ConfigError, resolve
 from cifar_dist.model import ModelSpec, build_model, count_params
 
 
-@functools.lru_cache(maxsize=32)
-def _per_image(spec_items: tuple) -> tuple[int, int]:
-    spec = ModelSpec(**{k: list(v) if isinstance(v, tuple) else v for k, v in spec_items})
+def per_image(spec: ModelSpec) -> tuple[int, int]:
+    """FLOPs of one image: forward (inference) and forward + backward (training)."""
     model = build_model(spec)
     x = torch.zeros(2, 3, 32, 32)  # batch 2: BatchNorm in training mode needs more than one value
     with FlopCounterMode(display=False) as counter:
@@ -26,11 +24,6 @@ def _per_image(spec_items: tuple) -> tuple[int, int]:
     with FlopCounterMode(display=False) as counter:
         model.train()(x).sum().backward()
     return forward, counter.get_total_flops() // 2
-
-
-def per_image(spec: ModelSpec) -> tuple[int, int]:
-    """FLOPs of one image: forward (inference) and forward + backward (training)."""
-    return _per_image(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(spec).items()))
 
 
 def tta_views(tta: str) -> int:
