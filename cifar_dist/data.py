@@ -128,7 +128,10 @@ def download(root: Path) -> None:
         torchvision.datasets.CIFAR10(str(root), train=train, download=True)
 
 
-def synthetic(n_train: int = 2000, n_test: int = 500, seed: int = 1234) -> tuple[Split, Split, list[str]]:
+SYNTHETIC_SIZES = (2000, 500)  # training and test images of --dataset synthetic
+
+
+def synthetic(n_train: int = SYNTHETIC_SIZES[0], n_test: int = SYNTHETIC_SIZES[1], seed: int = 1234) -> tuple[Split, Split, list[str]]:
     """Ten classes, each a smooth random colour pattern, plus noise: learnable in an epoch or two."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32,
@@ -213,6 +216,16 @@ def augment(images: torch.Tensor, padding: int, flip: torch.Tensor | None, g: to
     return images
 
 
+def cutout(images: torch.Tensor, size: int, fill: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One size x size square per image, anywhere fully inside it, set to `fill` (uint8 per channel: the
+    dataset mean, which normalises to zero, as airbench's cutout of normalised images)."""
+    n, _, h, w = images.shape
+    top, left = torch.randint(0, h - size + 1, (n, 1), generator=g), torch.randint(0, w - size + 1, (n, 1), generator=g)
+    rows, cols = torch.arange(h)[None], torch.arange(w)[None]
+    inside = (((rows >= top) & (rows < top + size))[:, :, None] & ((cols >= left) & (cols < left + size))[:, None, :])
+    return torch.where(inside[:, None].to(images.device), fill.view(1, -1, 1, 1).to(images.device), images)
+
+
 def flip_mask(mode: str, idx: torch.Tensor, epoch: int, seed: int, g: torch.Generator) -> torch.Tensor | None:
     """Which images of a batch to flip. `alternate`: each image flips every other epoch, from a
     random start, so over any two epochs it is seen both ways (fewer repeats than random flips)."""
@@ -228,24 +241,29 @@ def _flip_start(seed: int, n: int = 60_000) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed + 77)) < 0.5
 
 
-def train_batches(split: Split, cfg, epoch: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(split: Split, cfg, epoch: int, rank: int, world: int,
+                  mean: tuple[float, ...] = (0.0, 0.0, 0.0)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro-batches for one epoch: uint8 images (augmented) and labels.
 
     Every step consumes one GLOBAL batch of `cfg.batch_size` images from a permutation that is the
     same on all ranks; rank r takes its own slice, so ranks see disjoint images. The last partial
-    global batch is dropped so every rank takes the same number of steps.
+    global batch is dropped so every rank takes the same number of steps. `mean` (0..1) fills cutouts.
     """
     g = epoch_generator(cfg.seed, epoch)
     perm = torch.randperm(len(split), generator=g)
     aug_g = epoch_generator(cfg.seed, epoch, rank + 1)
     per_rank = cfg.batch_size // world
     micro = per_rank // cfg.grad_accum
+    fill = (torch.tensor(mean) * 255).round().to(torch.uint8)
     for step in range(len(split) // cfg.batch_size):
         mine = perm[step * cfg.batch_size + rank * per_rank:][:per_rank]
         for m in mine.split(micro):
             flip = flip_mask(cfg.flip, m, epoch, cfg.seed, aug_g)
             m = m.to(split.images.device)
-            yield augment(split.images[m], cfg.crop_padding, flip, aug_g, cfg.crop_mode), split.labels[m]
+            images = augment(split.images[m], cfg.crop_padding, flip, aug_g, cfg.crop_mode)
+            if cfg.cutout:
+                images = cutout(images, cfg.cutout, fill, aug_g)
+            yield images, split.labels[m]
 
 
 def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

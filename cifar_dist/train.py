@@ -429,7 +429,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         skip, state.batch, state.partial = state.batch, 0, [0.0] * 4
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
-        for i, (x, y) in enumerate(D.train_batches(train_set, cfg, epoch, rank, world)):
+        for i, (x, y) in enumerate(D.train_batches(train_set, cfg, epoch, rank, world, data.mean)):
             if i < skip:  # resumed mid-epoch: the batches (and their augmentations) are drawn again, not trained
                 continue
             with accelerator.accumulate(model):

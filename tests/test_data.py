@@ -63,7 +63,7 @@ def test_synthetic_is_balanced_and_deterministic():
 
 
 def cfg(**kw):
-    base = dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random", crop_mode="zeros")
+    base = dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random", crop_mode="zeros", cutout=0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -120,3 +120,21 @@ def test_validation_split_is_fixed_by_seed_and_disjoint():
     assert len(a.val) == 300 and len(a.train) == 1700
     assert torch.equal(a.val.images, b.val.images)
     assert abs(a.mean[0] - a.train.images[:, 0].float().mean().item() / 255) < 1e-4
+
+
+def test_cutout_blanks_one_square_inside_each_image_with_the_mean():
+    split = D.Split(torch.full((64, 3, 32, 32), 200, dtype=torch.uint8), torch.arange(64) % 10)
+    mean = (0.2, 0.4, 0.6)  # -> uint8 51, 102, 153
+    batches = list(D.train_batches(split, cfg(batch_size=32, crop_padding=0, flip="none", cutout=12), 0, 0, 1, mean))
+    images = torch.cat([x for x, _ in batches])
+    assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(split.labels.tolist())  # labels kept
+    corners = set()
+    for img in images:
+        blank = img != 200
+        assert int(blank[0].sum()) == 144 and torch.equal(blank[0], blank[1]) and torch.equal(blank[1], blank[2])
+        rows, cols = blank[0].any(1).nonzero().flatten(), blank[0].any(0).nonzero().flatten()
+        assert len(rows) == len(cols) == 12 and rows[-1] - rows[0] == cols[-1] - cols[0] == 11  # one 12x12 square
+        assert img[:, blank[0]].T.tolist() == [[51, 102, 153]] * 144
+        corners.add((int(rows[0]), int(cols[0])))
+    assert len(corners) > 20  # placed at random, anywhere inside

@@ -25,6 +25,21 @@ def test_fast_preset_is_airbench_shaped():
     assert resolve(["--preset", "fast", "--recipe", "default"]).batch_size == 256  # a recipe flag still wins
 
 
+def test_best_preset_is_airbench96_shaped():
+    cfg = resolve(["--preset", "best"])
+    assert cfg.recipe == "best" and (cfg.batch_size, cfg.epochs, cfg.cutout, cfg.crop_padding) == (1024, 31, 12, 4)
+    assert cfg.lr * (1 + 1 / (1 - cfg.momentum)) == pytest.approx(9.0)  # airbench: lr 9.0 per 1024
+    assert cfg.lr * cfg.weight_decay * (1 + 1 / (1 - cfg.momentum)) == pytest.approx(0.012)  # decay per 1024
+    model = build_model(cfg.model)
+    w = [24, 128, 512, 512]  # whitening stem, then per stage: conv + a residual block of two convs, BN shifts
+    stages = sum(9 * w[i] * w[i + 1] + 2 * 9 * w[i + 1] ** 2 + 3 * w[i + 1] for i in range(3))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 24 + stages + 512 * 10
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == 10 and output_size(cfg.model) == 3
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    f = lr_factor(cfg, 1000)
+    assert f(0) == pytest.approx(0.2 + 0.8 / 100) and f(99) == pytest.approx(1.0) and f(1000) == pytest.approx(0.0)
+
+
 def test_resnet9_shape_builds_with_blockless_convpool_stages():
     spec = ModelSpec(stem_width=16, stage="convpool", widths=[32, 64, 128], blocks=[1, 0, 1], strides=[2, 2, 2])
     model = build_model(spec)
