@@ -21,7 +21,7 @@ from typing import Any
 
 
 from cifar_dist.config import MODEL_FIELDS, TOP_FIELDS, Config, ConfigError, load_yaml, resolve, save_yaml
-from cifar_dist.data import data_root
+from cifar_dist.data import SYNTHETIC_SIZES, data_root
 from cifar_dist.model import build_model, count_params
 from launcher.launch import BACKENDS, deepspeed_env
 
@@ -61,8 +61,15 @@ def candidates(key: str, spec: Any) -> list[Any]:
             raise SearchError(f"search space: {key} {kind} bounds are reversed or equal: [{lo}, {hi}]")
         if kind == "loguniform" and lo <= 0:
             raise SearchError(f"search space: {key} loguniform needs positive bounds, got [{lo}, {hi}]")
+        if kind != "randint" and integer(key):
+            raise SearchError(f"search space: {key} takes whole numbers; use {{randint: [{lo}, {hi}]}}, not {kind}")
         return [lo, hi - 1] if kind == "randint" else [lo, hi]
     return values
+
+
+def integer(key: str) -> bool:
+    """Whether a setting takes whole numbers (a uniform sample would fail inside the trial)."""
+    return key in ARCH_KEYS or (TOP_FIELDS.get(key) or MODEL_FIELDS.get(key) or (None,))[0] is int
 
 
 def overrides(params: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +234,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise SearchError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.val_size <= 0:
         raise SearchError("--val-size must be positive: trials are ranked on the validation split")
+    n_train = SYNTHETIC_SIZES[0] if args.dataset == "synthetic" else 50_000
+    if args.val_size >= n_train:
+        raise SearchError(f"--val-size {args.val_size} leaves no training images: the {args.dataset} training set "
+                          f"has {n_train}")
     if args.grace_period > args.max_epochs:
         raise SearchError(f"--grace-period {args.grace_period} exceeds --max-epochs {args.max_epochs}")
 
