@@ -383,8 +383,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     params, nbytes = count_params(model), model_bytes(model)
     if cfg.channels_last and accelerator.state.deepspeed_plugin is None:  # DeepSpeed's broadcast needs contiguous
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile:  # in place: the module and its state_dict names stay as they are (no `_orig_mod.`)
+        model.compile()
     optimizer = make_optimizer(cfg, model)
     precision = accelerator.mixed_precision  # (DeepSpeed on CPU turns it into its own autocast setting)
     configure_deepspeed(accelerator, cfg)
