@@ -1,7 +1,8 @@
 """Training images/s: the tutorial's loop (bench/tutorial.py) against ours (cifar_dist/train.py) on
 the same `seed3` network and machine, interleaved round by round so both see the same machine state;
-then our loop for every preset, fp32 vs bf16, eager vs torch.compile. One line appended to
-bench/results/throughput.jsonl.
+then our loop for every preset, fp32 vs bf16, eager vs torch.compile; then the ceiling: `seed3`'s
+forward + backward + step alone on random tensors (no data, augmentation or metrics), which bounds what
+any loop can reach on this machine. One line appended to bench/results/throughput.jsonl.
 
     python bench/throughput.py --data-dir ../shared/cifar10
     python bench/throughput.py --data-dir ../shared/cifar10 --rounds 1 --presets seed3 --no-compile
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +45,38 @@ def tutorial(data_dir: str, images: int, workers: int) -> float:
     return history[-1]["images_per_second"]
 
 
+def ceiling(preset: str, batch: int, bf16: bool, seconds: float = 10.0) -> float:
+    """Images/s of the model's training step alone: channels-last, SGD, random tensors on the device."""
+    import torch
+
+    from cifar_dist.config import resolve
+    from cifar_dist.model import build_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(resolve(["--preset", preset]).model).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def step() -> None:
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):  # warm-up
+        step()
+    sync()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        done += 1
+    sync()
+    return done * batch / (time.perf_counter() - start)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="", help="CIFAR-10 folder (default $CIFAR10_DIR, then ./data)")
@@ -52,6 +86,7 @@ def main() -> int:
     p.add_argument("--presets", default=",".join(PRESETS), help="presets for the second table ('' : skip it)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure torch.compile in the second table")
+    p.add_argument("--ceiling-seconds", type=float, default=10.0, help="seconds per ceiling measurement")
     p.add_argument("--results", default="throughput.jsonl", help="file under bench/results/ (or an absolute path)")
     a = p.parse_args()
 
@@ -84,9 +119,17 @@ def main() -> int:
         cols = ["preset"] + [c for c in grid[0] if c != "preset"]
         print(f"\nour loop, training images/s, each preset's own recipe (batch size), {machine()}:")
         print(table(grid, cols))
+    bound = []
+    for batch in (100, 256):
+        row = dict(batch=batch, **{p: round(ceiling("seed3", batch, p == "bf16", a.ceiling_seconds))
+                                   for p in ("fp32", "bf16")})
+        bound.append(row)
+        row["best / tutorial"] = f"{max(row['fp32'], row['bf16']) / t_med:.2f}x"
+    print(f"\nceiling: seed3 training step alone (random tensors, channels-last), images/s, {machine()}:")
+    print(table(bound, ["batch", "fp32", "bf16", "best / tutorial"]))
     path = append_result(a.results, dict(images=a.images, tutorial_workers=a.workers, rounds=pairs,
                                                   median_tutorial=t_med, median_ours=o_med,
-                                                  ratio=round(o_med / t_med, 2), presets=grid))
+                                                  ratio=round(o_med / t_med, 2), presets=grid, ceiling=bound))
     print(f"appended to {path}")
     return 0
 

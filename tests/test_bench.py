@@ -59,11 +59,13 @@ def test_accuracy_bench_reports_seeds_reuses_finished_runs_and_refuses_other_set
 
 def test_throughput_and_time_to_accuracy_print_tables_and_ratios(cifar, tmp_path):
     r = bench("throughput.py", ["--data-dir", cifar, "--images", "300", "--rounds", "1", "--presets", "seed2",
-                                "--no-compile", "--results", str(tmp_path / "t.jsonl")], tmp_path)
+                                "--no-compile", "--ceiling-seconds", "0.5", "--results", str(tmp_path / "t.jsonl")],
+              tmp_path)
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "t.jsonl").read_text())
     assert record["median_tutorial"] > 0 and record["median_ours"] > 0 and "x" in r.stdout
     assert set(record["presets"][0]) == {"preset", "fp32", "bf16"}
+    assert [row["batch"] for row in record["ceiling"]] == [100, 256] and record["ceiling"][0]["fp32"] > 0
     r = bench("time_to_accuracy.py", ["--data-dir", cifar, "--target", "0.05", "--tutorial-epochs", "2",
                                       "--train-subset", "500", "--test-subset", "200",
                                       "--results", str(tmp_path / "tta.jsonl"), "--", "--epochs", "2"], tmp_path)
