@@ -220,10 +220,11 @@ def cutout(images: torch.Tensor, size: int, fill: torch.Tensor, g: torch.Generat
     """One size x size square per image, anywhere fully inside it, set to `fill` (uint8 per channel: the
     dataset mean, which normalises to zero, as airbench's cutout of normalised images)."""
     n, _, h, w = images.shape
-    top, left = torch.randint(0, h - size + 1, (n, 1), generator=g), torch.randint(0, w - size + 1, (n, 1), generator=g)
-    rows, cols = torch.arange(h)[None], torch.arange(w)[None]
+    dev = images.device
+    top, left = (torch.randint(0, k - size + 1, (n, 1), generator=g).to(dev) for k in (h, w))
+    rows, cols = torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
     inside = (((rows >= top) & (rows < top + size))[:, :, None] & ((cols >= left) & (cols < left + size))[:, None, :])
-    return torch.where(inside[:, None].to(images.device), fill.view(1, -1, 1, 1).to(images.device), images)
+    return torch.where(inside[:, None], fill.view(1, -1, 1, 1).to(dev), images)
 
 
 def flip_mask(mode: str, idx: torch.Tensor, epoch: int, seed: int, g: torch.Generator) -> torch.Tensor | None:

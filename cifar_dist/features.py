@@ -30,7 +30,7 @@ def feature_maps(model: torch.nn.Module, images: torch.Tensor, channels: int = 8
     was_training = model.training
     model.eval()
     try:
-        model(images)
+        model.forward(images)  # not __call__: a compiled module (--compile) skips hooks added after it compiled
     finally:
         for h in hooks:
             h.remove()

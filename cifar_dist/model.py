@@ -220,7 +220,8 @@ def summarize(model: nn.Module, input_size: int = 32) -> str:
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+        # forward, not __call__: a compiled module (--compile) may skip hooks added after it compiled
+        model.forward(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()

@@ -125,7 +125,9 @@ def test_validation_split_is_fixed_by_seed_and_disjoint():
 def test_cutout_blanks_one_square_inside_each_image_with_the_mean():
     split = D.Split(torch.full((64, 3, 32, 32), 200, dtype=torch.uint8), torch.arange(64) % 10)
     mean = (0.2, 0.4, 0.6)  # -> uint8 51, 102, 153
-    batches = list(D.train_batches(split, cfg(batch_size=32, crop_padding=0, flip="none", cutout=12), 0, 0, 1, mean))
+    # a constant image is unchanged by reflect crops and flips: a square cut before them would be shifted out
+    c = cfg(batch_size=32, crop_padding=4, crop_mode="reflect", flip="random", cutout=12)
+    batches = list(D.train_batches(split, c, 0, 0, 1, mean))
     images = torch.cat([x for x, _ in batches])
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
     assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(split.labels.tolist())  # labels kept

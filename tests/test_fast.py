@@ -28,6 +28,12 @@ def test_fast_preset_is_airbench_shaped():
 def test_best_preset_is_airbench96_shaped():
     cfg = resolve(["--preset", "best"])
     assert cfg.recipe == "best" and (cfg.batch_size, cfg.epochs, cfg.cutout, cfg.crop_padding) == (1024, 31, 12, 4)
+    m = cfg.model
+    assert (m.stem, m.stage, m.block, m.act, m.head, m.relu_after_add, m.bn_momentum, m.bn_eps, m.bn_weight) == (
+        "whiten", "convpool", "basic", "gelu", "max", True, 0.1, 1e-12, False)
+    assert (cfg.crop_mode, cfg.flip, cfg.tta, cfg.lookahead, cfg.label_smoothing, cfg.norm_lr_scale, cfg.decay_all,
+            cfg.nesterov, cfg.momentum, cfg.whiten_bias_epochs) == (
+        "reflect", "alternate", "flip-translate", True, 0.2, 64.0, True, True, 0.85, 3)
     assert cfg.lr * (1 + 1 / (1 - cfg.momentum)) == pytest.approx(9.0)  # airbench: lr 9.0 per 1024
     assert cfg.lr * cfg.weight_decay * (1 + 1 / (1 - cfg.momentum)) == pytest.approx(0.012)  # decay per 1024
     model = build_model(cfg.model)

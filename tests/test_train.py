@@ -188,7 +188,8 @@ def test_compiled_run_matches_eager_and_its_checkpoints_load_without_compile(tmp
     for k in a:  # compiled kernels round differently and 6 steps amplify it: < 2 % per tensor, measured
         if a[k].is_floating_point():  # <= 0.7 %; another seed differs by ~100 % in every weight
             assert (a[k] - b[k]).norm() <= 0.02 * a[k].norm() + 1e-6, k
-    assert abs(summary(eager)["test_acc"] - summary(compiled)["test_acc"]) <= 0.01
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # compiled kernels did run (eager would be bit-identical)
+    assert len(list((compiled / "feature_maps" / "final").glob("*.png"))) == 3  # hooks still see the layers
     r = run_train([*args, "--epochs", "2", "--no-compile", "--output-dir", str(compiled)], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and [m["epoch"] for m in metrics(compiled)] == [1, 2]

@@ -129,7 +129,7 @@ def test_deepspeed_zero2_trial(tmp_path):
     ({"tiny": False, "widths": [8, -16], "blocks": [1, 1], "strides": [1, 2]}, [], "widths must be positive"),
     ({"widths": [8, 16]}, [], "widths conflict with stages"),
     ({"learning_rate": 0.1}, [], "unknown setting 'learning_rate'"),
-    ({"epochs": {"uniform": [1, 3]}}, [], "epochs takes whole numbers; use {randint: [1, 3]}"),
+    ({"epochs": {"uniform": [1, 3]}}, [], "epochs takes whole numbers; use randint"),
     ({"base_width": {"loguniform": [8, 32]}}, [], "base_width takes whole numbers"),
     ({}, ["--val-size", "2000"], "--val-size 2000 leaves no training images: the synthetic training set has 2000"),
     ({}, ["--gpus-per-trial", "1"], "needs 1 GPUs but the Ray cluster has 0"),

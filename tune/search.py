@@ -62,7 +62,7 @@ def candidates(key: str, spec: Any) -> list[Any]:
         if kind == "loguniform" and lo <= 0:
             raise SearchError(f"search space: {key} loguniform needs positive bounds, got [{lo}, {hi}]")
         if kind != "randint" and integer(key):
-            raise SearchError(f"search space: {key} takes whole numbers; use {{randint: [{lo}, {hi}]}}, not {kind}")
+            raise SearchError(f"search space: {key} takes whole numbers; use randint (high end excluded), not {kind}")
         return [lo, hi - 1] if kind == "randint" else [lo, hi]
     return values
 
