@@ -2,7 +2,8 @@
 the same `seed3` network and machine, interleaved round by round so both see the same machine state;
 then our loop for every preset, fp32 vs bf16, eager vs torch.compile; then the ceiling: `seed3`'s
 forward + backward + step alone on random tensors (no data, augmentation or metrics), which bounds what
-any eager loop can reach on this machine (compiled kernels can pass it). One line appended to bench/results/throughput.jsonl.
+any eager loop can reach on this machine (compiled kernels can pass it). One line appended to
+bench/results/throughput.jsonl.
 
     python bench/throughput.py --data-dir ../shared/cifar10
     python bench/throughput.py --data-dir ../shared/cifar10 --rounds 1 --presets seed3 --no-compile

@@ -26,6 +26,10 @@ def first_hit(history: list[dict], target: float) -> dict | None:
     return next((m for m in history if m.get("test_acc", 0) >= target), None)
 
 
+def read_history(metrics: Path) -> list[dict]:
+    return [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+
+
 def ours(data_dir: str, target: float, extra: list[str]) -> list[dict]:
     """Run train.py; stop it once an epoch reaches the target. Elapsed = sum of epoch seconds."""
     with tempfile.TemporaryDirectory() as tmp, open(f"{tmp}/stderr", "w+") as err:  # a file: a pipe could fill
@@ -36,12 +40,10 @@ def ours(data_dir: str, target: float, extra: list[str]) -> list[dict]:
         history: list[dict] = []
         while proc.poll() is None and not first_hit(history, target):
             time.sleep(2)
-            if metrics.exists():
-                history = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            history = read_history(metrics)
         proc.terminate()
         proc.wait()
-        if metrics.exists():  # the last epochs may have landed after the last look
-            history = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        history = read_history(metrics)  # the last epochs may have landed after the last look
         if not first_hit(history, target) and proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"bench/time_to_accuracy.py: error: our run failed: {err.read()[-500:]}")
