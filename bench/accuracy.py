@@ -1,8 +1,8 @@
 """Test accuracy of a preset over K seeds on real CIFAR-10: mean ± std, epochs, wall time, training
 FLOPs; one line appended to bench/results/accuracy.jsonl.
 
-    python bench/accuracy.py --preset fast --seeds 3 -- --data-dir ../shared/cifar10 --eval-every 5
-    python bench/accuracy.py --preset fast --seeds 5 --launch "accelerate launch --num_processes 1" -- ...
+    python -m bench.accuracy --preset fast --seeds 3 -- --data-dir ../shared/cifar10 --eval-every 5
+    python -m bench.accuracy --preset fast --seeds 5 --launch "accelerate launch --num_processes 1" -- ...
 
 Seeds run one after another (each in its own process, `--launch` prefixes the command: accelerate
 launch, srun, ...), each in <out>/<name>/seed-N. A seed whose run already finished there with the same
@@ -19,20 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, append_result, machine, table  # noqa: E402
-from cifar_dist.config import ConfigError, load_yaml, resolve, to_dict  # noqa: E402
-
-# Settings that may differ between a finished seed and this invocation without making it another run.
-INCIDENTAL = {"data_dir", "output_dir", "run_name", "tracker", "group", "log_every", "download", "seed",
-              "keep_checkpoints", "feature_maps_every", "feature_channels", "eval_batch_size"}
-
+from bench.common import ROOT, append_result, machine
+from cifar_dist.tables import text_table
+from cifar_dist.config import INCIDENTAL, ConfigError, load_yaml, resolve, to_dict
 
 def check_reusable(out: Path, wanted: dict) -> None:
     saved = out / "config.yaml"
     if saved.exists():
         old = load_yaml(saved)
-        diff = sorted(k for k in wanted if k not in INCIDENTAL and old.get(k) != wanted[k])
+        diff = sorted(k for k in wanted if k not in INCIDENTAL and old.get(k) != wanted[k])  # (config.py's roles)
         if diff:
             raise ConfigError(f"{out} holds a run with other {', '.join(diff)}; pass another --name")
 
@@ -53,7 +48,7 @@ def main() -> int:
     try:
         resolve(base)  # bad flags fail here, once, not in every seed
     except ConfigError as e:
-        print(f"bench/accuracy.py: error: {e}", file=sys.stderr)
+        print(f"bench.accuracy: error: {e}", file=sys.stderr)
         return 2
     folder = Path(a.out) / (a.name or a.preset)
     rows = []
@@ -64,7 +59,7 @@ def main() -> int:
         try:
             check_reusable(out, to_dict(cfg))
         except ConfigError as e:
-            print(f"bench/accuracy.py: error: {e}", file=sys.stderr)
+            print(f"bench.accuracy: error: {e}", file=sys.stderr)
             return 2
         cmd = shlex.split(a.launch) + [str(ROOT / "cifar_dist" / "train.py")] if a.launch else \
             [sys.executable, "-m", "cifar_dist.train"]
@@ -74,14 +69,14 @@ def main() -> int:
             code = subprocess.call([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         wall = time.perf_counter() - t0
         if code != 0 or not (out / "summary.json").exists():
-            print(f"bench/accuracy.py: error: seed {seed} failed (exit {code}); see {folder}/seed-{seed}.log",
+            print(f"bench.accuracy: error: seed {seed} failed (exit {code}); see {folder}/seed-{seed}.log",
                   file=sys.stderr)
             return 1
         s = json.loads((out / "summary.json").read_text())
         rows.append(dict(seed=seed, test_acc=f"{100 * s['test_acc']:.2f}", epochs=s["epochs_completed"],
                          train_seconds=f"{s['total_seconds']:.0f}", wall_seconds=f"{wall:.0f}",
                          train_pflops=f"{s['train_flops'] / 1e15:.3f}", _summary=s))
-        print(table(rows[-1:], ["seed", "test_acc", "epochs", "train_seconds", "wall_seconds", "train_pflops"]),
+        print(text_table(rows[-1:], ["seed", "test_acc", "epochs", "train_seconds", "wall_seconds", "train_pflops"]),
               flush=True)
     accs = [100 * r["_summary"]["test_acc"] for r in rows]
     first = rows[0]["_summary"]

@@ -29,7 +29,9 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    """The command that reproduced a figure: `python -m bench.<script> ...`."""
+    module = os.path.relpath(sys.argv[0], ROOT).removesuffix(".py").replace(os.sep, ".")
+    return "python -m " + shlex.join([module, *sys.argv[1:]])
 
 
 def append_result(name: str, record: dict) -> Path:
@@ -41,10 +43,3 @@ def append_result(name: str, record: dict) -> Path:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     return path
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) for r in rows]
-    return "\n".join(lines)

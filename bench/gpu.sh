@@ -17,14 +17,14 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/log.txt"
 launch="accelerate launch --num_processes 1 --num_machines 1 --mixed_precision $MP --dynamo_backend no"
 $launch cifar_dist/train.py --preset fast --epochs 1 --data-dir "$DATA" --output-dir "$RUNS/warmup" \
   $COMPILE_FLAG > "$OUT/warmup.log" 2>&1
-python bench/accuracy.py --preset fast --seeds "$SEEDS" --out "$RUNS" --name "fast-$MP" --launch "$launch" \
+python -m bench.accuracy --preset fast --seeds "$SEEDS" --out "$RUNS" --name "fast-$MP" --launch "$launch" \
   --results "$OUT/accuracy.jsonl" -- --data-dir "$DATA" $COMPILE_FLAG >> "$OUT/log.txt" 2>&1
-[ "$BEST_SEEDS" -gt 0 ] && python bench/accuracy.py --preset best --seeds "$BEST_SEEDS" --out "$RUNS" \
+[ "$BEST_SEEDS" -gt 0 ] && python -m bench.accuracy --preset best --seeds "$BEST_SEEDS" --out "$RUNS" \
   --name "best-$MP" --launch "$launch" --results "$OUT/accuracy.jsonl" -- --data-dir "$DATA" --eval-every 10 \
   $COMPILE_FLAG >> "$OUT/log.txt" 2>&1
 for d in "$RUNS"/fast-"$MP"/seed-* "$RUNS"/best-"$MP"/seed-*; do
   cp "$d/metrics.jsonl" "$OUT/$(basename "$(dirname "$d")")-$(basename "$d")-metrics.jsonl" 2>/dev/null
 done
-[ "${THROUGHPUT:-1}" = 1 ] && python bench/throughput.py --data-dir "$DATA" --rounds 2 \
+[ "${THROUGHPUT:-1}" = 1 ] && python -m bench.throughput --data-dir "$DATA" --rounds 2 \
   --results "$OUT/throughput.jsonl" >> "$OUT/log.txt" 2>&1
 cat "$OUT/log.txt"

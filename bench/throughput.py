@@ -5,8 +5,8 @@ forward + backward + step alone on random tensors (no data, augmentation or metr
 any eager loop can reach on this machine (compiled kernels can pass it). One line appended to
 bench/results/throughput.jsonl.
 
-    python bench/throughput.py --data-dir ../shared/cifar10
-    python bench/throughput.py --data-dir ../shared/cifar10 --rounds 1 --presets seed3 --no-compile
+    python -m bench.throughput --data-dir ../shared/cifar10
+    python -m bench.throughput --data-dir ../shared/cifar10 --rounds 1 --presets seed3 --no-compile
 
 Each measurement is its own process. Ours trains 2 epochs over --images images and reports the second
 (warm-up and compilation excluded); the tutorial's loop is timed over its second pass too.
@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, append_result, machine, table  # noqa: E402
-from bench.tutorial import run_script  # noqa: E402
-from cifar_dist.config import PRESETS  # noqa: E402
+from bench.common import ROOT, append_result, machine
+from cifar_dist.tables import text_table
+from bench.tutorial import run_script
+from cifar_dist.config import PRESETS
 
 
 def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool, extra: list[str]) -> float:
@@ -35,14 +35,14 @@ def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool
                precision, "--compile" if compiled else "--no-compile", "--output-dir", f"{tmp}/run", *extra]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
-            raise SystemExit(f"bench/throughput.py: error: {' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
+            raise SystemExit(f"bench.throughput: error: {' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
         rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         return rows[-1]["images_per_second"]
 
 
 def tutorial(data_dir: str, images: int, workers: int) -> float:
     history = run_script(data_dir, ["--epochs", "2", "--train-subset", str(images), "--test-subset", "500",
-                                    "--workers", str(workers)], "bench/throughput.py")
+                                    "--workers", str(workers)], "bench.throughput")
     return history[-1]["images_per_second"]
 
 
@@ -96,11 +96,11 @@ def main() -> int:
         t = tutorial(a.data_dir, a.images, a.workers)
         o = ours(a.data_dir, a.images, "seed3", "no", False, [])
         pairs.append(dict(round=i + 1, tutorial=round(t), ours=round(o), ratio=f"{o / t:.2f}x"))
-        print(table(pairs[-1:], ["round", "tutorial", "ours", "ratio"]), flush=True)
+        print(text_table(pairs[-1:], ["round", "tutorial", "ours", "ratio"]), flush=True)
     t_med = statistics.median(r["tutorial"] for r in pairs)
     o_med = statistics.median(r["ours"] for r in pairs)
     print(f"\nseed3, fp32, {a.images} images per epoch, {machine()}:")
-    print(table(pairs, ["round", "tutorial", "ours", "ratio"]))
+    print(text_table(pairs, ["round", "tutorial", "ours", "ratio"]))
     print(f"median: tutorial {t_med:.0f} img/s, ours {o_med:.0f} img/s: {o_med / t_med:.2f}x\n")
 
     grid = []
@@ -119,7 +119,7 @@ def main() -> int:
     if grid:
         cols = ["preset"] + [c for c in grid[0] if c != "preset"]
         print(f"\nour loop, training images/s, each preset's own recipe (batch size), {machine()}:")
-        print(table(grid, cols))
+        print(text_table(grid, cols))
     bound = []
     for batch in (100, 256):
         row = dict(batch=batch, **{p: round(ceiling("seed3", batch, p == "bf16", a.ceiling_seconds))
@@ -127,7 +127,7 @@ def main() -> int:
         bound.append(row)
         row["best / tutorial"] = f"{max(row['fp32'], row['bf16']) / t_med:.2f}x"
     print(f"\nceiling: seed3 training step alone (random tensors, channels-last), images/s, {machine()}:")
-    print(table(bound, ["batch", "fp32", "bf16", "best / tutorial"]))
+    print(text_table(bound, ["batch", "fp32", "bf16", "best / tutorial"]))
     path = append_result(a.results, dict(images=a.images, tutorial_workers=a.workers, rounds=pairs,
                                                   median_tutorial=t_med, median_ours=o_med,
                                                   ratio=round(o_med / t_med, 2), presets=grid, ceiling=bound))

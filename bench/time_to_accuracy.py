@@ -4,8 +4,8 @@ after -- say otherwise), on the same machine, one after the other. Both clocks c
 per-epoch test evaluation, from the first step (data loading and start-up excluded on both sides).
 One line appended to bench/results/time_to_accuracy.jsonl.
 
-    python bench/time_to_accuracy.py --data-dir ../shared/cifar10
-    python bench/time_to_accuracy.py --data-dir ../shared/cifar10 -- --epochs 4
+    python -m bench.time_to_accuracy --data-dir ../shared/cifar10
+    python -m bench.time_to_accuracy --data-dir ../shared/cifar10 -- --epochs 4
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, append_result, machine, table  # noqa: E402
-from bench.tutorial import run_script  # noqa: E402
+from bench.common import ROOT, append_result, machine
+from cifar_dist.tables import text_table
+from bench.tutorial import run_script
 
 
 def first_hit(history: list[dict], target: float) -> dict | None:
@@ -46,7 +46,7 @@ def ours(data_dir: str, target: float, extra: list[str]) -> list[dict]:
         history = read_history(metrics)  # the last epochs may have landed after the last look
         if not first_hit(history, target) and proc.returncode != 0:
             err.seek(0)
-            raise SystemExit(f"bench/time_to_accuracy.py: error: our run failed: {err.read()[-500:]}")
+            raise SystemExit(f"bench.time_to_accuracy: error: our run failed: {err.read()[-500:]}")
     elapsed = 0.0
     for m in history:
         elapsed += m["seconds"]
@@ -56,7 +56,7 @@ def ours(data_dir: str, target: float, extra: list[str]) -> list[dict]:
 
 def tutorial(data_dir: str, target: float, epochs: int, subsets: list[str]) -> list[dict]:
     return run_script(data_dir, ["--epochs", str(epochs), "--target", str(target), *subsets],
-                      "bench/time_to_accuracy.py")
+                      "bench.time_to_accuracy")
 
 
 def main() -> int:
@@ -80,10 +80,10 @@ def main() -> int:
                          epoch=hit["epoch"] if hit else f">{len(history)}",
                          best=f"{100 * max(m.get('test_acc', 0) for m in history):.2f}", _s=seconds,
                          _history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m} for m in history]))
-        print(table(rows[-1:], ["loop", "seconds", "epoch", "best"]), flush=True)
+        print(text_table(rows[-1:], ["loop", "seconds", "epoch", "best"]), flush=True)
     speedup = rows[1]["_s"] / rows[0]["_s"] if rows[0]["_s"] and rows[1]["_s"] else None
     print(f"\nseed3 to {100 * a.target:.1f} % test accuracy on {machine()}:")
-    print(table(rows, ["loop", "seconds", "epoch", "best"]))
+    print(text_table(rows, ["loop", "seconds", "epoch", "best"]))
     print(f"ours is {speedup:.1f}x sooner" if speedup else "no ratio: a side never reached the target")
     path = append_result(a.results, dict(target=a.target, train_args=a.train_args,
                                                         speedup=round(speedup, 2) if speedup else None,

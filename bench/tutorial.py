@@ -4,7 +4,7 @@ and shuffling, fp32, Adam lr 1e-3, `.item()` on the loss and the accuracy every 
 evaluated after every epoch. The model is the same `seed3` network our loop trains.
 
 Used by bench/throughput.py and bench/time_to_accuracy.py; runnable on its own:
-    python bench/tutorial.py --data-dir ../shared/cifar10 --epochs 20
+    python -m bench.tutorial --data-dir ../shared/cifar10 --epochs 20
 """
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cifar_dist import data as D  # noqa: E402
-from cifar_dist.config import resolve  # noqa: E402
-from cifar_dist.model import build_model  # noqa: E402
+from bench.common import ROOT
+from cifar_dist import data as D
+from cifar_dist.config import resolve
+from cifar_dist.model import build_model
 
 IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 
@@ -94,8 +93,8 @@ def run(data_dir: str, epochs: int, train_subset: int = 0, test_subset: int = 0,
 
 def run_script(data_dir: str, args: list[str], who: str) -> list[dict]:
     """This file as its own process (a clean process per measurement); its per-epoch history."""
-    cmd = [sys.executable, __file__, "--data-dir", data_dir, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.tutorial", "--data-dir", data_dir, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"{who}: error: the tutorial loop failed: {r.stderr.strip()[-500:]}")
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]

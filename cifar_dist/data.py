@@ -1,20 +1,21 @@
 """CIFAR-10 as uint8 tensors on the training device, augmented there in batches.
 
-Reads the official binary layout (`cifar-10-batches-bin/`) or torchvision's python layout
-(`cifar-10-batches-py/`), validating every file; or generates a small synthetic set with a learnable
+Reads the official binary layout (`cifar-10-batches-bin/`, our reader: torchvision has none) or the
+python layout (`cifar-10-batches-py/`, torchvision's `CIFAR10`), validating every file; or generates a small synthetic set with a learnable
 class signal. No per-image PIL work: crops and flips are done on whole batches, on the device.
 """
 from __future__ import annotations
 
 import functools
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+import torchvision
+from torchvision.datasets.utils import check_integrity
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -66,22 +67,42 @@ def read_bin(path: Path, records: int | None = PER_FILE) -> Split:
     return _split(raw[:, 1:], raw[:, 0], path)
 
 
-def read_py(path: Path, records: int | None = PER_FILE) -> Split:
-    """One python-layout (pickled) batch file."""
-    if not path.is_file():
-        raise DataError(f"missing CIFAR-10 file {path}")
+class _TorchvisionCIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's reader of the python layout, with our checks in place of its integrity check: each
+    file present, and the official files' MD5s (torchvision's own list) so a bad file is named; files
+    of another size (made by tests, or cut down by hand) are checked by their record count instead."""
+
+    def __init__(self, folder: Path, train: bool, records: int | None):
+        self.folder, self.records, self.base_folder = folder, records, folder.name
+        super().__init__(str(folder.parent), train=train)
+
+    def _check_integrity(self) -> bool:
+        for name, md5 in self.train_list if self.train else self.test_list:
+            path = self.folder / name
+            if not path.is_file():
+                raise DataError(f"missing CIFAR-10 file {path}")
+            if self.records == PER_FILE and not check_integrity(str(path), md5):
+                raise DataError(f"{path} fails torchvision's MD5 check: truncated or not CIFAR-10")
+        return True
+
+    def _load_meta(self) -> None:
+        self.classes = CLASSES
+
+
+def read_py(folder: Path, train: bool, records: int | None = PER_FILE) -> Split:
+    """The training (5 files) or test (1 file) batches of the python layout, read by torchvision."""
+    files = TRAIN_FILES if train else TEST_FILES
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        data = np.asarray(d[b"data"], dtype=np.uint8)
-        labels = np.asarray(d.get(b"labels", d.get(b"fine_labels")), dtype=np.int64)
+        ds = _TorchvisionCIFAR10(folder, train, records)
+    except DataError:
+        raise
     except Exception as e:  # a truncated pickle fails in many ways
-        raise DataError(f"{path} is not a readable CIFAR-10 python batch ({type(e).__name__})") from None
-    if data.ndim != 2 or data.shape[1] != RECORD - 1 or len(labels) != len(data):
-        raise DataError(f"{path} holds data of shape {data.shape} and {len(labels)} labels, expected (N, 3072)")
-    if records is not None and len(data) != records:
-        raise DataError(f"{path} has {len(data)} records, expected {records}: truncated or not CIFAR-10")
-    return _split(data, labels, path)
+        where = folder / files[0] if len(files) == 1 else f"one of {folder}/{files[0]}..{files[-1]}"
+        raise DataError(f"{where} is not a readable CIFAR-10 python batch ({type(e).__name__})") from None
+    if records is not None and len(ds.data) != records * len(files):
+        raise DataError(f"{folder} holds {len(ds.data)} {'training' if train else 'test'} records, expected "
+                        f"{records * len(files)}: truncated or not CIFAR-10")
+    return _split(ds.data.transpose(0, 3, 1, 2).reshape(len(ds.data), -1), np.asarray(ds.targets), folder)
 
 
 def _split(pixels: np.ndarray, labels: np.ndarray, path: Path) -> Split:
@@ -114,15 +135,13 @@ def load_cifar10(root: Path, records: int | None = PER_FILE) -> tuple[Split, Spl
         meta = folder / "batches.meta.txt"
         classes = [c for c in meta.read_text().split() if c] if meta.exists() else CLASSES
     else:
-        train = _cat([read_py(folder / f, records) for f in TRAIN_FILES])
-        test = read_py(folder / "test_batch", records)
+        train, test = read_py(folder, True, records), read_py(folder, False, records)
         classes = CLASSES
     return train, test, classes if len(classes) == 10 else CLASSES
 
 
 def download(root: Path) -> None:
-    import torchvision  # the real download path; needs the internet
-
+    """The real download path (torchvision's, the python layout); needs the internet."""
     root.mkdir(parents=True, exist_ok=True)
     for train in (True, False):
         torchvision.datasets.CIFAR10(str(root), train=train, download=True)
@@ -275,12 +294,14 @@ def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> Iterat
 
 
 class Normalize(torch.nn.Module):
-    """uint8 batch -> normalised float batch on the device (channels-last when asked)."""
+    """Pixels -> normalised float batch: the one normalisation of training (uint8 batches on the device,
+    scale 255, channels-last when asked) and of an exported model (float images in [0, 1], scale 1)."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool = False,
+                 scale: float = 255.0):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * scale, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * scale, persistent=False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,24 +16,13 @@ import numpy as np
 import torch
 
 from cifar_dist import data as D
-from cifar_dist.config import ConfigError, resolve
+from cifar_dist.config import Config, ConfigError, resolve
 from cifar_dist.model import build_model
 
 PROG = "cifar_dist.export"
 
 
-class Normalized(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, mean: list[float], std: list[float]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean) / self.std)
-
-
-def load_run(run: Path) -> tuple[torch.nn.Module, "object"]:
+def load_run(run: Path) -> tuple[torch.nn.Module, Config]:
     """A finished run's model (weights loaded, eval mode, normalisation built in) and its config."""
     for name in ("config.yaml", "model.pt", "summary.json"):
         if not (run / name).is_file():
@@ -42,7 +31,7 @@ def load_run(run: Path) -> tuple[torch.nn.Module, "object"]:
     norm = json.loads((run / "summary.json").read_text())["normalization"]
     model = build_model(cfg.model)
     model.load_state_dict(torch.load(run / "model.pt", map_location="cpu"))
-    return Normalized(model, norm["mean"], norm["std"]).eval(), cfg
+    return torch.nn.Sequential(D.Normalize(norm["mean"], norm["std"], scale=1.0), model).eval(), cfg
 
 
 def export(run: Path, batch: int = 64) -> tuple[float, float]:

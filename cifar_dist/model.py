@@ -9,10 +9,14 @@ two convs) or `plain` (one conv-BN-activation, no shortcut: airbench's second co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+
+from cifar_dist.settings import check_choices, setting
+from cifar_dist.tables import text_table
 
 
 class SpecError(ValueError):
@@ -21,27 +25,31 @@ class SpecError(ValueError):
 
 @dataclass
 class ModelSpec:
-    stem_width: int = 32
-    stem_kernel: int = 3
-    stem_pool: str = "none"  # none | avg | max: 3x3 stride-2 pooling after the stem
-    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
-    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
-    strides: list[int] = field(default_factory=lambda: [1, 1, 2])
-    head: str = "gap"  # gap: global average pool + linear | flatten: the tutorial's flatten + linear
-    stride_conv: str = "first"  # which conv of a block carries its stride (the tutorial: second)
-    relu_after_add: bool = True  # the tutorial's 2-block net has no ReLU after the residual add
-    conv_bias: bool = False  # the tutorial used nn.Conv2d's default bias=True
-    num_classes: int = 10
-    stem: str = "conv"  # conv: conv-BN-act | whiten: frozen patch-whitening conv (2*3*k*k channels) + act
-    stage: str = "resnet"  # resnet | convpool (see the module docstring)
-    block: str = "basic"  # basic: residual two-conv block | plain: conv-BN-act without shortcut
-    act: str = "relu"  # relu | gelu
-    bn_momentum: float = 0.1  # PyTorch's convention: weight of the new batch in the running stats
-    bn_eps: float = 1e-5
-    bn_weight: bool = True  # False: BatchNorm scales fixed at 1, only the shifts learn (airbench)
-    head_bias: bool = True
-    logit_scale: float = 1.0  # multiply the logits (airbench: 1/9)
-    dirac_init: bool = False  # 3x3 convs start as identity on their first input channels
+    stem_width: int = setting(32, "channels of the stem conv (a whitening stem: 2*3*k*k)")
+    stem_kernel: int = setting(3, "kernel size of the stem conv")
+    stem_pool: Literal["none", "avg", "max"] = setting("none", "3x3 stride-2 pooling after the stem")
+    widths: list[int] = setting([32, 64, 128], "channels of each stage, e.g. 64,128,256")
+    blocks: list[int] = setting([1, 1, 1], "blocks per stage, e.g. 2,2,2 (convpool stages: 0 or more)")
+    strides: list[int] = setting([1, 1, 2], "stride of each stage (1 or 2), e.g. 1,2,2")
+    head: Literal["gap", "flatten", "max"] = setting(
+        "gap", "global average pool, the tutorial's flatten, or global max pool, then a linear layer")
+    stride_conv: Literal["first", "second"] = setting("first", "which conv of a block carries its stride "
+                                                               "(the tutorial: second)")
+    relu_after_add: bool = setting(True, "activation after each residual add (the tutorial's 2-block net: none)")
+    conv_bias: bool = setting(False, "bias in convolutions (the tutorial: nn.Conv2d's default, on)")
+    num_classes: int = setting(10, "number of classes")
+    stem: Literal["conv", "whiten"] = setting("conv", "conv-BN-act, or a frozen patch-whitening conv set from "
+                                                      "the data, then act")
+    stage: Literal["resnet", "convpool"] = setting("resnet", "strided blocks, or conv, 2x2 max-pool, BN, act, "
+                                                             "then 0..n blocks (see the module docstring)")
+    block: Literal["basic", "plain"] = setting("basic", "residual two-conv block, or conv-BN-act without shortcut")
+    act: Literal["relu", "gelu"] = setting("relu", "activation function")
+    bn_momentum: float = setting(0.1, "BatchNorm running-stat momentum (PyTorch's convention: weight of the new batch)")
+    bn_eps: float = setting(1e-5, "BatchNorm epsilon")
+    bn_weight: bool = setting(True, "learnable BatchNorm scales (off: fixed at 1, only the shifts learn; airbench)")
+    head_bias: bool = setting(True, "bias in the final linear layer")
+    logit_scale: float = setting(1.0, "multiply the logits by this (airbench: 1/9)")
+    dirac_init: bool = setting(False, "3x3 convs start as identity on their first input channels")
 
 
 def check_spec(spec: ModelSpec) -> None:
@@ -53,15 +61,7 @@ def check_spec(spec: ModelSpec) -> None:
                         f"{len(spec.widths)}, {len(spec.blocks)} and {len(spec.strides)}")
     if spec.stem_width <= 0 or any(w <= 0 for w in spec.widths):
         raise SpecError(f"widths must be positive, got stem {spec.stem_width} and {spec.widths}")
-    for name, value, allowed in (("stem_pool", spec.stem_pool, ("none", "avg", "max")),
-                                 ("head", spec.head, ("gap", "flatten", "max")),
-                                 ("stride_conv", spec.stride_conv, ("first", "second")),
-                                 ("stem", spec.stem, ("conv", "whiten")),
-                                 ("stage", spec.stage, ("resnet", "convpool")),
-                                 ("block", spec.block, ("basic", "plain")),
-                                 ("act", spec.act, ("relu", "gelu"))):
-        if value not in allowed:
-            raise SpecError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    check_choices(spec, SpecError)
     if any(b < (0 if spec.stage == "convpool" else 1) for b in spec.blocks):
         raise SpecError(f"every stage needs at least one block (convpool stages: zero or more), got blocks {spec.blocks}")
     if any(s not in (1, 2) for s in spec.strides):
@@ -206,29 +206,33 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-@torch.no_grad()
-def summarize(model: nn.Module, input_size: int = 32) -> str:
-    """Per layer: output shape and parameters; then the totals (a torchinfo-style table)."""
-    rows: list[tuple[str, str, str, int]] = []
-    hooks = []
-    for name, m in model.named_modules():
-        if name and (not list(m.children()) or isinstance(m, Block)) and not isinstance(m, nn.Identity):
-            own = sum(p.numel() for p in m.parameters())  # a Block's row sums the layers above it
-            kind = "Block (sum)" if isinstance(m, Block) else type(m).__name__
-            hooks.append(m.register_forward_hook(
-                lambda _m, _i, o, n=name, k=kind, own=own: rows.append((n, k, str(tuple(o.shape[1:])), own))))
+def forward_outputs(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """One eval-mode forward pass of `x`; (name, output) of each given module, in call order (a module
+    called twice appears twice). The one forward-hook harness: the model summary and the feature maps."""
+    outputs: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o, n=name: outputs.append((n, o.detach())))
+             for name, m in modules.items()]
     was_training = model.training
     model.eval()
     try:
-        # forward, not __call__: a compiled module (--compile) may skip hooks added after it compiled
-        model.forward(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
+        with torch.no_grad():
+            model.forward(x)  # not __call__: a compiled module (--compile) skips hooks added after it compiled
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    width = max(len(r[0]) for r in rows) + 2
-    lines = [f"{'layer':{width}}{'type':18}{'output shape':18}{'params':>12}", "-" * (width + 48)]
-    lines += [f"{n:{width}}{t:18}{s:18}{p:>12,}" for n, t, s, p in rows]
-    lines += ["-" * (width + 48), f"total parameters: {count_params(model):,}",
-              f"size: {model_bytes(model) / 2**20:.2f} MB (parameters and buffers)"]
-    return "\n".join(lines)
+    return outputs
+
+
+def summarize(model: nn.Module, input_size: int = 32) -> str:
+    """Per layer: output shape and parameters; then the totals (a torchinfo-style table)."""
+    shown = {name: m for name, m in model.named_modules()
+             if name and (not list(m.children()) or isinstance(m, Block)) and not isinstance(m, nn.Identity)}
+    x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    rows = [dict(layer=name, type="Block (sum)" if isinstance(shown[name], Block) else type(shown[name]).__name__,
+                 output_shape=str(tuple(out.shape[1:])),
+                 params=f"{sum(p.numel() for p in shown[name].parameters()):,}")  # a Block sums its layers
+            for name, out in forward_outputs(model, shown, x)]
+    return "\n".join([text_table(rows, ["layer", "type", "output_shape", "params"], right={"params"}),
+                      f"total parameters: {count_params(model):,}",
+                      f"size: {model_bytes(model) / 2**20:.2f} MB (parameters and buffers)"])

@@ -1,19 +1,13 @@
 """Train a ResNet on CIFAR-10. Runs as `accelerate launch cifar_dist/train.py ...` (one or many
 processes, DDP, mixed precision) or `python -m cifar_dist.train ...`. Reads top to bottom:
-config -> accelerator -> output dir -> data -> model/optimizer -> resume -> epochs -> results.
+`train` (set up a `Run`, one call per epoch, finish), then the set-up, the epoch, the end of a run.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,95 +16,50 @@ if __package__ in (None, ""):  # run as a script: the package comes from the ins
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from cifar_dist import data as D
-from cifar_dist import features as F
-from cifar_dist import flops as FL
-from cifar_dist import tracking
-from cifar_dist.config import Config, ConfigError, resolve, save_yaml, load_yaml, to_dict
+from cifar_dist import flops, pictures, tracking
+from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
+from cifar_dist.distributed import configure_deepspeed, make_accelerator, rank_digests, uses_deepspeed
+from cifar_dist.evaluate import evaluate
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
+from cifar_dist.optim import Lookahead, make_optimizer, make_scheduler
+from cifar_dist.rundir import (Preemption, TrainState, checkpoints, finished_summary, output_dir, resume,
+                               save_checkpoint, save_preempted, save_results, write_metrics)
 
 PROG = "cifar_dist.train"
-# Settings that make a run what it is: a directory holding a run with other values is refused.
-IDENTITY = ("model", "dataset", "train_subset", "val_size", "seed", "optimizer", "batch_size", "grad_accum",
-            "lookahead")
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class TrainState:
-    """What a checkpoint needs beyond model/optimizer/RNG: progress and the metrics so far. A checkpoint
-    taken mid-epoch (on a preemption signal) also holds the micro-batches done and their running sums."""
+@dataclass
+class Run:
+    """Everything one run holds, built once by `setup` and handed to every stage after it."""
+    cfg: Config
+    accelerator: Accelerator
+    out: Path
+    trackers: list[str]
+    data: D.Data
+    train_set: D.Split  # on the device
+    evals: dict[str, D.Split]  # evaluated every eval epoch, on the device; the last one is the main split
+    norm: D.Normalize
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lookahead: Lookahead | None
+    state: TrainState
+    steps_per_epoch: int
+    precision: str
+    confusion: torch.Tensor | None = None  # of the main split, at its last evaluation
 
-    FIELDS = ("epoch", "step", "seconds", "history", "batch", "partial")
+    @property
+    def main(self) -> str:
+        return list(self.evals)[-1]
 
-    def __init__(self) -> None:
-        self.epoch, self.step, self.seconds, self.history = 0, 0, 0.0, []
-        self.batch, self.partial = 0, [0.0, 0.0, 0.0, 0.0]  # loss, correct, count, seconds of the epoch so far
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.FIELDS}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        for k in self.FIELDS:
-            setattr(self, k, d.get(k, getattr(self, k)))
-
-
-class Lookahead:
-    """airbench's lookahead EMA: every 5 steps the EMA moves toward the weights and the weights jump
-    to the EMA. Its decay rises as 0.95^5 * progress^3 (early training is barely held back); at the
-    last step the weights become the EMA. BatchNorm running statistics are averaged too."""
-
-    def __init__(self, model: torch.nn.Module, total_steps: int, every: int = 5):
-        self.tensors = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}  # views of the weights
-        self.ema = {k: v.detach().clone() for k, v in self.tensors.items()}
-        self.total, self.every = total_steps, every
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        if step % self.every and step < self.total:
-            return
-        decay = 1.0 if step >= self.total else 0.95 ** 5 * (step / self.total) ** 3
-        for k, v in self.tensors.items():
-            self.ema[k].lerp_(v, 1 - decay)
-            v.copy_(self.ema[k])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self.ema.items()}
-
-    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
-        for k, v in self.ema.items():
-            v.copy_(d[k])
-
-
-class Preemption:
-    """SIGUSR1 (SLURM's warning before a time limit or preemption) or SIGTERM: finish the step, save,
-    exit cleanly. Ranks agree at the next log step, so all of them stop at the same place."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.installed = threading.current_thread() is threading.main_thread()  # not in a Tune trial thread
-        for sig in (signal.SIGUSR1, signal.SIGTERM) if self.installed else ():
-            signal.signal(sig, self.handle)
-
-    def handle(self, signum: int, _frame: Any) -> None:
-        self.signal = signum
-
-    def requested(self, accelerator: Accelerator) -> bool:
-        """Collective: True on every rank if any rank was signalled."""
-        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
-        return accelerator.reduce(flag, "sum").item() > 0
-
-    def restore(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM) if self.installed else ():
-            signal.signal(sig, signal.SIG_DFL)
-
-
-# --- output directory --------------------------------------------------------------------------
 
 def say(accelerator: Accelerator, message: str) -> None:
     """Print once per run (accelerator.print prints once per node)."""
@@ -118,430 +67,284 @@ def say(accelerator: Accelerator, message: str) -> None:
         print(message, flush=True)
 
 
-def output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """The run's directory (the same on every rank), refusing paths that would mix two runs."""
-    name = [cfg.output_dir or f"runs/{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"]
-    broadcast_object_list(name)  # ranks start at slightly different times
-    out = Path(name[0])
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output dir {out} is a file")
-    saved = out / "config.yaml"
-    if saved.exists():
-        old = load_yaml(saved)
-        new = to_dict(cfg)
-        diff = [k for k in IDENTITY if old.get(k) != new[k]]
-        if diff:
-            raise ConfigError(f"output dir {out} holds a run with another {', '.join(diff)}; "
-                              "use a new --output-dir (nothing was changed)")
-    elif out.is_dir() and any(p.name != "checkpoints" for p in out.iterdir()):  # (a Tune restore brings those)
-        raise ConfigError(f"output dir {out} is not empty and holds no cifar-dist run (no config.yaml)")
-    return out
-
-
-def finished_summary(out: Path, cfg: Config) -> dict[str, Any] | None:
-    path = out / "summary.json"
-    if path.exists():
-        summary = json.loads(path.read_text())
-        if summary.get("epochs_completed", 0) >= cfg.epochs:
-            return summary
-    return None
-
-
-def checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "checkpoints").glob("epoch-*") if not p.name.endswith(".tmp"))
-
-
-def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int | str, keep: int) -> None:
-    """Write epoch-N.tmp, then rename: a kill mid-save never leaves a half checkpoint as the latest."""
-    final = out / "checkpoints" / (f"epoch-{epoch:04d}" if isinstance(epoch, int) else f"epoch-{epoch}")
-    tmp = final.with_name(final.name + ".tmp")
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        tmp.rename(final)
-        for old in checkpoints(out)[:-keep]:
-            for f in sorted(old.rglob("*"), reverse=True):
-                f.unlink() if f.is_file() else f.rmdir()
-            old.rmdir()
-    accelerator.wait_for_everyone()
-
-
-def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.jsonl mirrors the checkpointed history: one line per completed epoch, never twice."""
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in history))
-    tmp.replace(out / "metrics.jsonl")
-
-
-def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
-    """What DeepSpeed needs that a plain loop does not: its batch sizes, from our global batch size (we
-    prepare no DataLoader for Accelerate to read them from)."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    accum = ds.get("gradient_accumulation_steps", "auto")
-    if accum not in ("auto", cfg.grad_accum):
-        raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps {accum} but --grad-accum is "
-                          f"{cfg.grad_accum}; make them equal")
-    ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-              train_micro_batch_size_per_gpu=cfg.batch_size // (accelerator.num_processes * cfg.grad_accum))
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
-        # DeepSpeed's own bf16 mode breaks convs and BatchNorm on CPU; its torch autocast mode works.
-        ds["bf16"] = {"enabled": False}
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-
-
-def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimizer,
-           scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-    """Load a checkpoint, keeping this config's optimiser settings (lr, weight decay, ...): the
-    command line wins, so a diverged run can be resumed with a lower --lr."""
-    wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    try:
-        accelerator.load_state(str(path))
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"checkpoint {path} does not fit this run "
-                          f"({str(e).splitlines()[0][:120]}); use a new --output-dir") from None
-    for group, settings in zip(optimizer.param_groups, wanted):
-        group.update(settings)
-    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
-    for group, lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = lr * f(scheduler.last_epoch)
-
-
-# --- optimisation --------------------------------------------------------------------------------
-
-def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """One parameter group per kind: conv weights, biases, BatchNorm (lr x norm_lr_scale), the head
-    (lr scaled down with its fan-in for SGD), a whitening stem's bias (frozen later by its lr factor).
-    Weight decay on conv/linear weights only; with decay_all on everything, at the same rate per step."""
-    head = model.head[-1]
-    head_scale = cfg.head_lr_scale or (min(1.0, 512 / head.in_features) if cfg.optimizer == "sgd" else 1.0)
-    head_ids = {id(p) for p in head.parameters()}
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                for p in m.parameters()}
-    stem_bias = model.stem[0].bias if cfg.model.stem == "whiten" else None
-
-    def kind(p: torch.nn.Parameter) -> str:
-        if id(p) in head_ids:
-            return "head" if p.ndim > 1 else "head_bias"
-        if p is stem_bias:
-            return "stem_bias"
-        return "norm" if id(p) in norm_ids else "weights" if p.ndim > 1 else "biases"
-
-    scales = dict(weights=1.0, biases=1.0, norm=cfg.norm_lr_scale, head=head_scale, head_bias=head_scale, stem_bias=1.0)
-    groups = []
-    for name, scale in scales.items():
-        params = [p for p in model.parameters() if p.requires_grad and kind(p) == name]
-        decay = cfg.weight_decay / scale if cfg.decay_all else cfg.weight_decay if name in ("weights", "head") else 0.0
-        if params:
-            groups.append(dict(params=params, weight_decay=decay, lr=cfg.lr * scale, name=name))
-    if cfg.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           foreach=True)
-
-
-def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
-    warm = int(cfg.warmup * total_steps)
-
-    def factor(step: int) -> float:
-        if cfg.schedule == "constant":
-            return 1.0
-        if step < warm:
-            return cfg.lr_start + (1 - cfg.lr_start) * (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total_steps - warm))
-        if cfg.schedule == "onecycle":
-            return 1.0 - t * (1 - cfg.lr_end)
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return factor
-
-
-def lr_factors(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list[Callable[[int], float]]:
-    """The schedule for every group; a whitening stem's bias stops (lr 0) after whiten_bias_epochs."""
-    factor = lr_factor(cfg, steps_per_epoch * cfg.epochs)
-    frozen_from = cfg.whiten_bias_epochs * steps_per_epoch
-
-    def stem_bias(step: int) -> float:
-        return factor(step) if step < frozen_from else 0.0
-
-    return [stem_bias if g.get("name") == "stem_bias" else factor for g in optimizer.param_groups]
-
-
-def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Config,
-             accelerator: Accelerator) -> tuple[float, float, torch.Tensor]:
-    """Loss, accuracy and confusion matrix (rows: true class) over a whole eval split, each image
-    counted once across ranks."""
-    model.eval()
-    k = cfg.model.num_classes
-    loss = torch.zeros(1, device=accelerator.device, dtype=torch.float64)
-    confusion = torch.zeros(k * k, device=accelerator.device, dtype=torch.float64)
-    with torch.no_grad():
-        for x, y in D.eval_batches(split, cfg.eval_batch_size, accelerator.process_index, accelerator.num_processes):
-            logits = predict(model, norm(x), cfg.tta)
-            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
-            confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k).double()
-    loss, confusion = accelerator.reduce(torch.cat([loss, confusion]), "sum").split([1, k * k])
-    model.train()
-    count = confusion.sum().item()
-    return loss.item() / max(count, 1), confusion.view(k, k).diagonal().sum().item() / max(count, 1), confusion.view(k, k)
-
-
-def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Logits, averaged over test-time augmentations: flip averages with the mirror image;
-    flip-translate (airbench's 6 views) gives that half the weight and the mirrored pair of each
-    1-pixel diagonal shift (up-left, down-right) a quarter each."""
-    if tta == "none":
-        return model(x).float()
-    logits = 0.5 * (model(x).float() + model(x.flip(-1)).float())
-    if tta == "flip-translate":
-        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        shifted = [predict(model, view, "flip") for view in (padded[..., :h, :w], padded[..., 2:, 2:])]
-        return 0.5 * logits + 0.25 * (shifted[0] + shifted[1])
-    return logits
-
-
-def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch.nn.Module, images: torch.Tensor,
-                     cfg: Config, out: Path, tag: str, step: int) -> None:
-    """Main process only: feature-map grids of the stem and every block, as PNGs and to the trackers."""
-    grids = F.feature_maps(accelerator.unwrap_model(model), images, cfg.feature_channels)
-    for name, grid in grids.items():
-        F.save_png(grid, out / "feature_maps" / tag / f"{name}.png")
-    tracking.log_images(accelerator, trackers, {f"features/{k}": v for k, v in grids.items()}, step)
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-# --- the run -------------------------------------------------------------------------------------
-
-def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None) -> dict[str, Any]:
-    """Train (or resume) the run `cfg` describes; returns its summary. The one training loop:
-    the CLI, Tune trials and SLURM jobs all come here."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
-    if deepspeed and (missing := [m for m in ("deepspeed", "transformers") if importlib.util.find_spec(m) is None]):
-        raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
-                          "pip install -e '.[deepspeed]'")
+def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None,
+          deepspeed_plugin: Any = None) -> dict[str, Any]:
+    """Train (or resume) the run `cfg` describes; returns its summary. The one training loop: the CLI,
+    Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch."""
     trackers = tracking.parse(cfg.tracker)
-    cuda = torch.cuda.is_available()
-    # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on
-    # CPU; but not under DeepSpeed, which that would silently turn into plain DDP. DeepSpeed on CPU needs
-    # gloo named, or it asks for a GPU backend and sees a world of one.
-    cpu_world = not cuda and not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    process_group = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision or None, gradient_accumulation_steps=cfg.grad_accum,
-                              log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu_world,
-                              kwargs_handlers=process_group)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
-                          f"({world} x {cfg.grad_accum})")
-    out = output_dir(cfg, accelerator)
-    if (done := finished_summary(out, cfg)) is not None:
-        acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
-        say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
-        return done
+    accelerator = make_accelerator(cfg, trackers, deepspeed_plugin)
+    preemption = Preemption()
+    try:  # one teardown for every way out: the end, a preemption stop, an error
+        out = output_dir(cfg, accelerator)
+        if (done := finished_summary(out, cfg)) is not None:
+            acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
+            say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
+            return done
+        run = setup(cfg, accelerator, out, trackers)
+        start_records(run)
+        first = run.state.epoch
+        for epoch in range(first, cfg.epochs):
+            if (sums := train_epoch(run, epoch, preemption)) is None:
+                return stop(run, epoch, preemption, saved=False)
+            metrics = end_epoch(run, epoch, sums)
+            if on_epoch is not None:
+                on_epoch(metrics, checkpoints(out)[-1])
+            if run.state.epoch < cfg.epochs and preemption.requested(accelerator):
+                return stop(run, epoch + 1, preemption, saved=True)
+        return finish(run)
+    finally:
+        preemption.restore()
+        accelerator.end_training()  # trackers finished, process group destroyed: a clean exit for every rank
+
+
+# --- set-up ----------------------------------------------------------------------------------------
+
+def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str]) -> Run:
+    """The run directory, the data on the device, the model and its optimisation, and a resume from
+    the latest checkpoint when there is one."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-
     set_seed(cfg.seed)
+    data, train_set, evals = load_splits(cfg, accelerator)
+    norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
+    precision = accelerator.mixed_precision  # as asked: DeepSpeed on CPU turns bf16 into its own autocast setting
+    model, optimizer = build(cfg, accelerator, train_set, norm)
+    steps_per_epoch = len(train_set) // cfg.batch_size
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    lookahead = None
+    if cfg.lookahead:
+        lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs)
+        accelerator.register_for_checkpointing(lookahead)
+    run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
+              state, steps_per_epoch, precision)
+    if ckpts := checkpoints(out):
+        resume(accelerator, ckpts[-1], optimizer, scheduler)
+        say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
+    return run
+
+
+def load_splits(cfg: Config, accelerator: Accelerator) -> tuple[D.Data, D.Split, dict[str, D.Split]]:
+    """The data, checked against the run. Evaluated every epoch: the validation hold-out (if any) and
+    the test set (unless --no-eval-test: a Tune trial ranks on validation and never looks at it)."""
     with accelerator.main_process_first():  # one download, then every rank reads the files
         data = D.load_data(cfg)
     if cfg.model.num_classes < len(data.classes):
         raise ConfigError(f"num_classes {cfg.model.num_classes} is less than the dataset's {len(data.classes)} classes")
     if len(data.train) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set ({len(data.train)} images)")
-    device = accelerator.device
-    train_set = data.train.to(device)
-    # Evaluated every epoch: the validation hold-out (if any) and the test set (unless --no-eval-test:
-    # a Tune trial ranks on validation and never looks at the test set). The last one is "main".
-    evals = {name: split.to(device) for name, split in (("val", data.val), ("test", data.test))
+    evals = {name: split.to(accelerator.device) for name, split in (("val", data.val), ("test", data.test))
              if split is not None and (name == "val" or cfg.eval_test)}
     if not evals:
         raise ConfigError("nothing to evaluate: --no-eval-test needs a validation split (--val-size N)")
-    if small := [n for n, split in evals.items() if len(split) < world]:
-        raise ConfigError(f"the {small[0]} set has fewer images than processes ({world}); use a larger subset")
-    main_name = list(evals)[-1]
-    main_set = evals[main_name]
-    norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(device)
+    if small := [n for n, split in evals.items() if len(split) < accelerator.num_processes]:
+        raise ConfigError(f"the {small[0]} set has fewer images than processes ({accelerator.num_processes}); "
+                          "use a larger subset")
+    return data, data.train.to(accelerator.device), evals
 
+
+def build(cfg: Config, accelerator: Accelerator, train_set: D.Split,
+          norm: D.Normalize) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and its optimizer, prepared by Accelerate (DDP or DeepSpeed wrap them)."""
+    deepspeed = uses_deepspeed(accelerator)
     if cfg.lookahead and deepspeed:
         raise ConfigError("--lookahead does not work under DeepSpeed (ZeRO keeps its own copy of the weights); "
                           "use --no-lookahead or the ddp backend")
     model = build_model(cfg.model)
     if cfg.model.stem == "whiten":  # from the first 5000 training images, the same on every rank
         model.init_whitening(norm(train_set.images[:5000]).cpu())
-    params, nbytes = count_params(model), model_bytes(model)
-    if cfg.channels_last and accelerator.state.deepspeed_plugin is None:  # DeepSpeed's broadcast needs contiguous
+    if cfg.channels_last and not deepspeed:  # DeepSpeed's broadcast needs contiguous parameters
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:  # in place: the module and its state_dict names stay as they are (no `_orig_mod.`)
         model.compile()
     optimizer = make_optimizer(cfg, model)
-    precision = accelerator.mixed_precision  # (DeepSpeed on CPU turns it into its own autocast setting)
     configure_deepspeed(accelerator, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    steps_per_epoch = len(train_set) // cfg.batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(cfg, optimizer, steps_per_epoch))
-    state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state)
-    lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs) if cfg.lookahead else None
-    if lookahead is not None:
-        accelerator.register_for_checkpointing(lookahead)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return accelerator.prepare(model, optimizer)
 
-    if ckpts := checkpoints(out):
-        resume(accelerator, ckpts[-1], optimizer, scheduler)
-        say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
-    if accelerator.is_main_process:  # only now: a refused resume leaves the run's record as it was
+
+def start_records(run: Run) -> None:
+    """Save the config (only now: a refused resume leaves the run's record as it was), start the
+    trackers, and on the main process write the metrics so far, the model summary and input samples."""
+    cfg, accelerator, out = run.cfg, run.accelerator, run.out
+    if accelerator.is_main_process:
         save_yaml(cfg, out / "config.yaml")
-    tracking.start(accelerator, trackers, to_dict(cfg), out, state.step, cfg.run_name, cfg.group)
-    probe = main_set.take(torch.arange(min(4, len(main_set))))  # the same images every time
-    if accelerator.is_main_process:
-        write_metrics(out, state.history)
-        table = summarize(accelerator.unwrap_model(model))
-        (out / "model_summary.txt").write_text(table + "\n")
-        say(accelerator, table)
-        samples = main_set.take(torch.arange(min(16, len(main_set))))
-        pictures = {"samples": F.sample_grid(samples.images, samples.labels, data.classes)}
-        F.save_png(pictures["samples"], out / "samples.png")
-        tracking.log_images(accelerator, trackers, pictures, state.step)
-        say(accelerator, f"{cfg.preset}: {params:,} parameters, {nbytes / 2**20:.2f} MB; {len(train_set):,} train / "
-                          f"{len(main_set):,} {main_name} images; {world} process(es) on {device.type}, "
-                          f"mixed precision {accelerator.mixed_precision}; output {out}")
+    tracking.start(accelerator, run.trackers, to_dict(cfg), out, run.state.step, cfg.run_name, cfg.group)
+    if not accelerator.is_main_process:
+        return
+    write_metrics(out, run.state.history)
+    model = accelerator.unwrap_model(run.model)
+    table = summarize(model)
+    (out / "model_summary.txt").write_text(table + "\n")
+    say(accelerator, table)
+    samples = run.evals[run.main].take(torch.arange(min(16, len(run.evals[run.main]))))
+    pictures.publish(accelerator, run.trackers, {"samples": pictures.sample_grid(samples.images, samples.labels,
+                                                                                 run.data.classes)}, out, run.state.step)
+    say(accelerator, f"{cfg.preset}: {count_params(model):,} parameters, {model_bytes(model) / 2**20:.2f} MB; "
+                     f"{len(run.train_set):,} train / {len(run.evals[run.main]):,} {run.main} images; "
+                     f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
+                     f"{accelerator.mixed_precision}; output {out}")
 
-    start_epoch = state.epoch
-    preemption = Preemption()
-    for epoch in range(state.epoch, cfg.epochs):
-        t0 = time.perf_counter() - state.partial[3]
-        model.train()
-        # loss, correct, count of this rank; a mid-epoch checkpoint's sums are the whole world's, so rank 0
-        # alone carries them on (the world may have another size after a requeue)
-        sums = torch.tensor(state.partial[:3] if rank == 0 else [0.0] * 3, device=device, dtype=torch.float64)
-        skip, state.batch, state.partial = state.batch, 0, [0.0] * 4
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
-        for i, (x, y) in enumerate(D.train_batches(train_set, cfg, epoch, rank, world, data.mean)):
-            if i < skip:  # resumed mid-epoch: the batches (and their augmentations) are drawn again, not trained
-                continue
-            with accelerator.accumulate(model):
-                logits = model(norm(x))
-                loss = criterion(logits, y)
-                accelerator.backward(loss)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                    state.step += 1
-                    if lookahead is not None:
-                        lookahead.update(state.step)
-                optimizer.zero_grad(set_to_none=True)
-            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum(),
-                                 torch.tensor(len(y), device=device)]).double()
-            if accelerator.sync_gradients and (state.step % cfg.log_every == 0):
-                # one host sync every log_every steps, on every rank alike, so all stop together (NaN, signal)
-                stop = torch.tensor(float(preemption.signal is not None), device=device)
-                current, stop = (accelerator.reduce(torch.stack([loss.detach().float(), stop]), "sum") / world).tolist()
-                if not math.isfinite(current):
-                    raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {state.step}")
-                if stop > 0:
-                    bar.close()
-                    state.batch, state.partial = i + 1, [*accelerator.reduce(sums, "sum").tolist(),
-                                                         time.perf_counter() - t0]
-                    return stop_and_save(accelerator, out, state, epoch, cfg, preemption)
-                bar.set_postfix(loss=f"{current:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4g}")
-                accelerator.log({"train/step_loss": current, "train/lr": scheduler.get_last_lr()[0]}, step=state.step)
-            if accelerator.sync_gradients:
-                bar.update(1)
-        bar.close()
-        loss_sum, correct, count = accelerator.reduce(sums, "sum").tolist()
-        train_seconds = time.perf_counter() - t0
-        if not math.isfinite(loss_sum):
-            raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
-        metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            for name, split in evals.items():
-                metrics[f"{name}_loss"], metrics[f"{name}_acc"], confusion = evaluate(model, split, norm, cfg, accelerator)
-        seconds = time.perf_counter() - t0
-        metrics.update(lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
-                       step=state.step)
-        state.epoch, state.seconds = epoch + 1, state.seconds + seconds
-        state.history.append(metrics)
-        save_checkpoint(accelerator, out, state.epoch, cfg.keep_checkpoints)
-        accelerator.log({f"{k.replace('_', '/', 1)}" if k.startswith(("train_", "val_", "test_")) else k: v
-                         for k, v in metrics.items() if k != "step"}, step=state.step)
-        if accelerator.is_main_process:
-            write_metrics(out, state.history)
-            F.save_png(F.curves_figure(state.history), out / "curves.png")
-            if cfg.feature_maps_every and state.epoch % cfg.feature_maps_every == 0 and state.epoch < cfg.epochs:
-                log_feature_maps(accelerator, trackers, model, norm(probe.images), cfg, out, f"epoch-{state.epoch:04d}",
-                                 state.step)
-        say(accelerator, 
-            f"epoch {epoch + 1:3d}/{cfg.epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2%}"
-            + "".join(f" | {n} loss {metrics[f'{n}_loss']:.4f} acc {metrics[f'{n}_acc']:6.2%}" for n in evals
-                      if f"{n}_acc" in metrics)
-            + f" | lr {metrics['lr']:.3g} | {metrics['images_per_second']:,.0f} img/s | {seconds:.1f}s")
-        if on_epoch is not None:
-            on_epoch(metrics, checkpoints(out)[-1])
-        if state.epoch < cfg.epochs and preemption.requested(accelerator):
-            return stop_and_save(accelerator, out, state, epoch + 1, cfg, preemption, saved=True)
 
-    if state.epoch == start_epoch:  # nothing trained in this process (killed after the last checkpoint)
-        _, _, confusion = evaluate(model, main_set, norm, cfg, accelerator)
-    confusion = confusion.long().cpu().numpy()
-    per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(data.classes)}
+# --- an epoch --------------------------------------------------------------------------------------
+
+def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | None:
+    """One epoch of steps, from a mid-epoch checkpoint's batch if resumed. Returns the world's loss sum,
+    correct count, image count and the epoch's start time; None when a signal stopped it (its progress
+    is then in run.state, for the checkpoint)."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    t0 = time.perf_counter() - state.partial[3]
+    run.model.train()
+    # loss, correct, count of this rank; a mid-epoch checkpoint's sums are the whole world's, so rank 0
+    # alone carries them on (the world may have another size after a requeue)
+    sums = torch.tensor(state.partial[:3] if rank == 0 else [0.0] * 3, device=device, dtype=torch.float64)
+    skip, state.batch, state.partial = state.batch, 0, [0.0] * 4
+    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
+    for i, (x, y) in enumerate(D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean)):
+        if i < skip:  # resumed mid-epoch: the batches (and their augmentations) are drawn again, not trained
+            continue
+        loss, logits = step(run, x, y)
+        sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum(),
+                             torch.tensor(len(y), device=device)]).double()
+        if accelerator.sync_gradients and state.step % cfg.log_every == 0:
+            if check_in(run, loss, preemption, bar, epoch):
+                bar.close()
+                state.batch, state.partial = i + 1, [*accelerator.reduce(sums, "sum").tolist(), time.perf_counter() - t0]
+                return None
+        if accelerator.sync_gradients:
+            bar.update(1)
+    bar.close()
+    return [*accelerator.reduce(sums, "sum").tolist(), t0]
+
+
+def step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: forward, backward, and (when the accumulation is complete) an optimizer step."""
+    accelerator, state = run.accelerator, run.state
+    with accelerator.accumulate(run.model):
+        logits = run.model(run.norm(x))
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=run.cfg.label_smoothing)
+        accelerator.backward(loss)
+        run.optimizer.step()
+        if accelerator.sync_gradients:
+            run.scheduler.step()
+            state.step += 1
+            if run.lookahead is not None:
+                run.lookahead.update(state.step)
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, logits
+
+
+def check_in(run: Run, loss: torch.Tensor, preemption: Preemption, bar: tqdm, epoch: int) -> bool:
+    """Every log_every steps, on every rank alike (one host sync): log the loss, stop on NaN, and say
+    whether any rank was signalled, so all ranks stop at the same step."""
+    accelerator = run.accelerator
+    stop = torch.tensor(float(preemption.signal is not None), device=accelerator.device)
+    world = accelerator.num_processes
+    current, stop = (accelerator.reduce(torch.stack([loss.detach().float(), stop]), "sum") / world).tolist()
+    if not math.isfinite(current):
+        raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {run.state.step}")
+    if stop > 0:
+        return True
+    lr = run.scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=f"{current:.3f}", lr=f"{lr:.4g}")
+    accelerator.log({"train/step_loss": current, "train/lr": lr}, step=run.state.step)
+    return False
+
+
+def end_epoch(run: Run, epoch: int, sums: list[float]) -> dict[str, Any]:
+    """Metrics of the epoch (evaluated every eval_every epochs and after the last), its checkpoint,
+    its log line, and the pictures that follow training."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    loss_sum, correct, count, t0 = sums
+    train_seconds = time.perf_counter() - t0
+    if not math.isfinite(loss_sum):
+        raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
+    metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        for name, split in run.evals.items():
+            metrics[f"{name}_loss"], metrics[f"{name}_acc"], run.confusion = evaluate(
+                run.model, split, run.norm, cfg, accelerator)
+    seconds = time.perf_counter() - t0
+    metrics.update(lr=run.scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
+                   step=state.step)
+    state.epoch, state.seconds = epoch + 1, state.seconds + seconds
+    state.history.append(metrics)
+    save_checkpoint(accelerator, run.out, state.epoch, cfg.keep_checkpoints)
+    accelerator.log({f"{k.replace('_', '/', 1)}" if k.startswith(("train_", "val_", "test_")) else k: v
+                     for k, v in metrics.items() if k != "step"}, step=state.step)
     if accelerator.is_main_process:
-        log_feature_maps(accelerator, trackers, model, norm(probe.images), cfg, out, "final", state.step)
-        pictures = {"confusion_matrix": F.confusion_figure(confusion, data.classes)}
-        F.save_png(pictures["confusion_matrix"], out / "confusion_matrix.png")
-        tracking.log_images(accelerator, trackers, pictures, state.step)
-        accelerator.log({f"{main_name}/acc_{c}": a for c, a in per_class.items()}, step=state.step)
-    digests = gather_object([weights_digest(model)])
-    summary = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg))
-    for name in evals:
-        summary[f"{name}_acc"] = state.history[-1][f"{name}_acc"]
-        summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in state.history if f"{name}_acc" in m)
-    summary.update(FL.run_flops(cfg, len(train_set), sum(len(s) for s in evals.values())))
-    summary.update(epochs_completed=state.epoch, params=params, model_bytes=nbytes, world_size=world,
-                   mixed_precision=precision, device=device.type, total_seconds=state.seconds,
-                   distributed_type=str(accelerator.distributed_type), engine=type(model).__name__,
-                   rank_weight_digests=digests, **{f"per_class_{main_name}_acc": per_class},
-                   normalization=dict(mean=list(data.mean), std=list(data.std)))
+        write_metrics(run.out, state.history)
+        pictures.save_png(pictures.curves_figure(state.history), run.out / "curves.png")
+        if cfg.feature_maps_every and state.epoch % cfg.feature_maps_every == 0 and state.epoch < cfg.epochs:
+            feature_maps(run, f"epoch-{state.epoch:04d}")
+    say(accelerator, epoch_line(run, metrics))
+    return metrics
+
+
+def epoch_line(run: Run, m: dict[str, Any]) -> str:
+    evals = "".join(f" | {n} loss {m[f'{n}_loss']:.4f} acc {m[f'{n}_acc']:6.2%}" for n in run.evals if f"{n}_acc" in m)
+    return (f"epoch {m['epoch']:3d}/{run.cfg.epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:6.2%}"
+            f"{evals} | lr {m['lr']:.3g} | {m['images_per_second']:,.0f} img/s | {m['seconds']:.1f}s")
+
+
+def feature_maps(run: Run, tag: str) -> None:
+    """Main process: feature maps of the same few images of the main split, every time."""
+    probe = run.evals[run.main].take(torch.arange(min(4, len(run.evals[run.main]))))
+    pictures.log_feature_maps(run.accelerator, run.trackers, run.model, run.norm(probe.images),
+                              run.cfg.feature_channels, run.out / "feature_maps" / tag, run.state.step)
+
+
+# --- the end of a run ------------------------------------------------------------------------------
+
+def stop(run: Run, epochs_done: int, preemption: Preemption, saved: bool) -> dict[str, Any]:
+    """A signal asked to stop: checkpoint where training is, so a rerun resumes there."""
+    where = save_preempted(run.accelerator, run.out, run.state, epochs_done, run.cfg.keep_checkpoints, saved)
+    say(run.accelerator, f"stopped by a signal ({preemption.signal or 'on another rank'}) {where}")
+    run.accelerator.wait_for_everyone()
+    return {"preempted": True, "epoch": epochs_done, "batch": run.state.batch}
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The final pictures, model.pt and summary.json (written last: it marks the run finished)."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    if run.confusion is None:  # nothing trained in this process (killed after the last checkpoint)
+        _, _, run.confusion = evaluate(run.model, run.evals[run.main], run.norm, cfg, accelerator)
+    confusion = run.confusion.long().cpu().numpy()
+    per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(run.data.classes)}
     if accelerator.is_main_process:
-        weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
-        accelerator.save(weights, out / "model.pt")  # CPU tensors: loads anywhere
-        (out / "summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "summary.json.tmp").replace(out / "summary.json")  # a kill mid-write leaves no half file
-        say(accelerator, f"done: {main_name} acc {summary[f'{main_name}_acc']:.2%} "
-                          f"(best {summary[f'best_{main_name}_acc']:.2%}) "
-                          f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {out}")
-    preemption.restore()
+        feature_maps(run, "final")
+        pictures.publish(accelerator, run.trackers,
+                         {"confusion_matrix": pictures.confusion_figure(confusion, run.data.classes)}, run.out, state.step)
+        accelerator.log({f"{run.main}/acc_{c}": a for c, a in per_class.items()}, step=state.step)
+    summary = summarize_run(run, per_class, rank_digests(run.model))
+    if accelerator.is_main_process:
+        save_results(accelerator, run.model, run.out, summary)
+        say(accelerator, f"done: {run.main} acc {summary[f'{run.main}_acc']:.2%} "
+                         f"(best {summary[f'best_{run.main}_acc']:.2%}) "
+                         f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {run.out}")
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # destroys the process group: a clean exit for every rank
     return summary
 
 
-def stop_and_save(accelerator: Accelerator, out: Path, state: TrainState, epoch: int, cfg: Config,
-                  preemption: Preemption, saved: bool = False) -> dict[str, Any]:
-    """Save a mid-epoch checkpoint (it sorts between epoch-N and epoch-N+1), unless the epoch's own was
-    just saved, and end the run cleanly."""
-    name = f"{epoch:04d}+{state.batch:06d}"  # epochs done, then micro-batches of the next
-    if not saved:
-        save_checkpoint(accelerator, out, name, cfg.keep_checkpoints)
-    say(accelerator, f"stopped by a signal ({preemption.signal or 'on another rank'}) after {epoch} epochs "
-                      f"and {state.batch} batches: checkpoint {checkpoints(out)[-1]} saved; "
-                      "rerun the same command to resume")
-    preemption.restore()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"preempted": True, "epoch": epoch, "batch": state.batch}
+def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> dict[str, Any]:
+    """summary.json: the config, final and best accuracy per split, FLOPs, the machine and the world."""
+    cfg, accelerator, history = run.cfg, run.accelerator, run.state.history
+    model = accelerator.unwrap_model(run.model)
+    summary: dict[str, Any] = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg))
+    for name in run.evals:
+        summary[f"{name}_acc"] = history[-1][f"{name}_acc"]
+        summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in history if f"{name}_acc" in m)
+    summary.update(flops.run_flops(cfg, len(run.train_set), sum(len(s) for s in run.evals.values())))
+    summary.update(epochs_completed=run.state.epoch, params=count_params(model), model_bytes=model_bytes(model),
+                   world_size=accelerator.num_processes, mixed_precision=run.precision,
+                   device=accelerator.device.type, total_seconds=run.state.seconds,
+                   distributed_type=str(accelerator.distributed_type), engine=type(run.model).__name__,
+                   rank_weight_digests=digests, **{f"per_class_{run.main}_acc": per_class},
+                   normalization=dict(mean=list(run.data.mean), std=list(run.data.std)))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar_dist.backends import BACKENDS, is_deepspeed
+
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent / "cifar_dist" / "train.py"
-# The accelerate config files this launcher owns.
-BACKENDS = {p.stem: p for p in sorted(HERE.glob("*.yaml"))}  # ddp, deepspeed-zero1, deepspeed-zero2(-offload)
 PROG = "launcher"
 
 
@@ -111,7 +111,7 @@ def check(world: World) -> None:
 
 def command(world: World, backend: str, train_args: list[str]) -> tuple[dict[str, str], list[str]]:
     """The environment additions and the `accelerate launch` command for this node."""
-    deepspeed = backend.startswith("deepspeed")
+    deepspeed = is_deepspeed(backend)
     # CPU DDP: ACCELERATE_USE_CPU with --multi_gpu (--cpu would start ONE process per node). Not for
     # DeepSpeed, which that variable silently turns into plain DDP; its config names the distribution.
     env = {} if world.gpu or deepspeed else {"ACCELERATE_USE_CPU": "1"}
@@ -124,24 +124,6 @@ def command(world: World, backend: str, train_args: list[str]) -> tuple[dict[str
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1"]
     return env, cmd + [str(TRAIN), *train_args]
-
-
-def deepspeed_env(backend: str) -> dict[str, str]:
-    """What `accelerate launch --config_file launcher/<backend>.yaml` puts in the environment for
-    DeepSpeed, for processes another launcher starts (the Ray Train workers of a Tune trial)."""
-    import yaml
-
-    config = yaml.safe_load(BACKENDS[backend].read_text())
-    ds = config.get("deepspeed_config") or {}
-    if config.get("distributed_type") != "DEEPSPEED":
-        return {}
-    return {"ACCELERATE_USE_DEEPSPEED": "true",
-            "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds.get("zero_stage", 2)),
-            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": str(ds.get("offload_optimizer_device", "none")),
-            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": str(ds.get("offload_param_device", "none")),
-            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(ds.get("gradient_accumulation_steps", 1)),
-            "ACCELERATE_DEEPSPEED_ZERO3_INIT": str(ds.get("zero3_init_flag", False)).lower(),
-            "ACCELERATE_MIXED_PRECISION": str(config.get("mixed_precision", "no"))}
 
 
 def forward_signals(child: subprocess.Popen) -> None:

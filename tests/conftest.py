@@ -76,13 +76,14 @@ def write_bin(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 def write_py(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """torchvision's python layout: pickled dicts with b'data' (N, 3072) and b'labels'."""
+    """torchvision's python layout: pickled dicts with 'data' (N, 3072) and 'labels' (the official files'
+    Python 2 str keys, as torchvision reads them)."""
     folder.mkdir(parents=True)
     written = {}
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         images, labels = make_images(n, 100 + i)
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": images.reshape(n, -1), b"labels": labels.tolist()}, f)
+            pickle.dump({"data": images.reshape(n, -1), "labels": labels.tolist()}, f)
         written[name] = (images, labels)
     return written
 

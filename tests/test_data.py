@@ -1,10 +1,9 @@
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
 from cifar_dist import data as D
+from cifar_dist.config import Config, resolve
 from conftest import write_bin, write_py
 
 
@@ -62,9 +61,10 @@ def test_synthetic_is_balanced_and_deterministic():
     assert torch.bincount(a.labels).tolist() == [200] * 10
 
 
-def cfg(**kw):
-    base = dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random", crop_mode="zeros", cutout=0)
-    return SimpleNamespace(**{**base, **kw})
+def cfg(**kw) -> Config:
+    """The real config of a run, with the data settings these tests vary."""
+    return resolve([], dict(dict(seed=0, batch_size=40, grad_accum=1, crop_padding=4, flip="random",
+                                 crop_mode="zeros", cutout=0), **kw))
 
 
 def test_augment_keeps_shape_dtype_labels_and_content():
@@ -115,7 +115,7 @@ def test_alternating_flip_alternates():
 
 
 def test_validation_split_is_fixed_by_seed_and_disjoint():
-    c = SimpleNamespace(dataset="synthetic", val_size=300, seed=5, train_subset=0, test_subset=0, normalize="dataset")
+    c = resolve(["--dataset", "synthetic", "--val-size", "300", "--seed", "5"])
     a, b = D.load_data(c), D.load_data(c)
     assert len(a.val) == 300 and len(a.train) == 1700
     assert torch.equal(a.val.images, b.val.images)

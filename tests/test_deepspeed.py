@@ -81,12 +81,11 @@ def test_incompatible_accumulation_is_one_line(tmp_path):
 
 
 def test_deepspeed_missing_is_one_line(monkeypatch, capsys, tmp_path):
-    import importlib.util
+    from cifar_dist import distributed, train
 
-    from cifar_dist import train
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    real = distributed.missing_modules
+    assert real(("deepspeed", "transformers")) == []  # installed here: the patch below is what makes it missing
+    monkeypatch.setattr(distributed, "missing_modules", lambda names: [n for n in names if n == "deepspeed"])
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert train.main([*TINY, "--output-dir", str(tmp_path / "o")]) == 2
     assert "DeepSpeed was asked for but deepspeed is not installed" in capsys.readouterr().err

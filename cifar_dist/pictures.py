@@ -1,13 +1,18 @@
-"""What the network sees: feature maps of the stem and every residual block, input samples, and
-the confusion matrix. Every picture is a uint8 HWC array, saved as PNG and handed to the trackers."""
+"""What the network sees and how training went: feature maps of the stem and every block, input samples,
+the confusion matrix and the curves. Every picture is a uint8 HWC array, saved as PNG under the run's
+directory and handed to the trackers."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from torchvision.utils import make_grid
+
+from cifar_dist import tracking
+from cifar_dist.model import forward_outputs
 
 
 def layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -24,20 +29,9 @@ def to_uint8(grid: torch.Tensor) -> np.ndarray:
 def feature_maps(model: torch.nn.Module, images: torch.Tensor, channels: int = 8) -> dict[str, np.ndarray]:
     """For each layer, one grid: a row per input image, its first `channels` maps (each scaled to
     its own min..max, upsampled to 32x32 so deep, small maps stay visible)."""
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, n=name: captured.__setitem__(n, o.detach().float()))
-             for name, m in layers(model)]
-    was_training = model.training
-    model.eval()
-    try:
-        model.forward(images)  # not __call__: a compiled module (--compile) skips hooks added after it compiled
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     grids = {}
-    for name, fmap in captured.items():
-        maps = fmap[:, :channels]
+    for name, fmap in forward_outputs(model, dict(layers(model)), images):
+        maps = fmap[:, :channels].float()
         n, k = maps.shape[:2]
         lo = maps.amin(dim=(2, 3), keepdim=True)
         hi = maps.amax(dim=(2, 3), keepdim=True)
@@ -45,6 +39,21 @@ def feature_maps(model: torch.nn.Module, images: torch.Tensor, channels: int = 8
         maps = torch.nn.functional.interpolate(maps, size=32, mode="nearest") if maps.shape[-1] < 32 else maps
         grids[name] = to_uint8(make_grid(maps.reshape(n * k, 1, *maps.shape[-2:]), nrow=k, padding=2, pad_value=1.0))
     return grids
+
+
+def publish(accelerator: Accelerator, trackers: list[str], pictures: dict[str, np.ndarray], folder: Path,
+            step: int, prefix: str = "") -> None:
+    """Main process: each picture as folder/<name>.png and to the trackers as <prefix><name>."""
+    for name, array in pictures.items():
+        save_png(array, folder / f"{name}.png")
+    tracking.log_images(accelerator, trackers, {f"{prefix}{k}": v for k, v in pictures.items()}, step)
+
+
+def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch.nn.Module, images: torch.Tensor,
+                     channels: int, folder: Path, step: int) -> None:
+    """Main process: feature-map grids of the stem and every block, as PNGs and to the trackers."""
+    grids = feature_maps(accelerator.unwrap_model(model), images, channels)
+    publish(accelerator, trackers, grids, folder, step, prefix="features/")
 
 
 def save_png(array: np.ndarray, path: Path) -> None:

@@ -1,0 +1,201 @@
+"""Ray Tune search over ResNet shape and training settings: `python tune/search.py ...` (see README).
+
+Every trial calls the same `cifar_dist.train.train` as `accelerate launch cifar_dist/train.py`, ranks on
+a validation split carved out of the training set (never the test set), reports each epoch (metrics and
+checkpoint) to Tune so ASHA can stop weak trials early and a failed trial resumes from its checkpoint.
+The best configuration is written as `best.yaml`, which train.py trains directly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from cifar_dist.data import SYNTHETIC_SIZES, data_root
+from cifar_dist.backends import BACKENDS, is_deepspeed
+from cifar_dist.search.report import trial_rows, write_best, write_table
+from cifar_dist.search.space import SearchError, check_space, load_space, to_tune
+from cifar_dist.search.trial import run_trial
+
+PROG = "tune/search.py"
+SPACE = Path(__file__).resolve().parents[2] / "tune" / "space.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--space", type=Path, default=SPACE, help="search space YAML (default: tune/space.yaml)")
+    a("--num-samples", type=int, default=8, help="configurations to sample (x each grid point)")
+    a("--max-epochs", type=int, default=10, help="epochs of a trial that is never stopped")
+    a("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    a("--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/N at each rung")
+    a("--dataset", default="cifar10", help="cifar10 or synthetic")
+    a("--data-dir", default="", help="CIFAR-10 folder (default $CIFAR10_DIR, then ./data)")
+    a("--train-subset", type=int, default=0, help="train on the first N images (0: all)")
+    a("--test-subset", type=int, default=0, help="test images for --retrain-best (0: all)")
+    a("--val-size", type=int, default=5000, help="validation images held out of the training set (ranking)")
+    a("--cpus-per-trial", type=float, default=1, help="CPUs per trial (per worker with --workers-per-trial)")
+    a("--gpus-per-trial", type=float, default=0, help="GPUs per trial; fractions share a GPU (0.5: two trials)")
+    a("--workers-per-trial", type=int, default=1, help="each trial an N-process DDP job (Ray Train)")
+    a("--backend", default="ddp", choices=sorted(BACKENDS), help="distribution of a trial: ddp or a DeepSpeed "
+      "ZeRO config of the launcher (always Ray Train workers)")
+    a("--max-concurrent", type=int, default=0, help="trials at once (0: as many as the resources allow)")
+    a("--mixed-precision", default="", help="no, bf16 or fp16 for every trial")
+    a("--tracker", default="none", help="tracker of every trial (wandb: one run per trial, grouped by search)")
+    a("--seed", type=int, default=0, help="seed of the search and of every trial (fixes the validation split)")
+    a("--output-dir", type=Path, default=None, help="search directory (default runs/search-<timestamp>)")
+    a("--address", default=os.environ.get("RAY_ADDRESS", ""), help="join this Ray cluster (default $RAY_ADDRESS)")
+    a("--resume", action="store_true", help="continue the interrupted search in --output-dir")
+    a("--max-failures", type=int, default=1, help="retries of a trial that raises")
+    a("--retrain-best", action="store_true", help="train best.yaml on the full training set; report test accuracy")
+    a("--verbose", action="store_true", help="show the trials' own output")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial", "max_failures"):
+        if getattr(args, name) < (0 if name == "max_failures" else 1):
+            raise SearchError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.reduction_factor < 2:
+        raise SearchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
+    if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+        raise SearchError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    if args.val_size <= 0:
+        raise SearchError("--val-size must be positive: trials are ranked on the validation split")
+    n_train = SYNTHETIC_SIZES[0] if args.dataset == "synthetic" else 50_000
+    if args.val_size >= n_train:
+        raise SearchError(f"--val-size {args.val_size} leaves no training images: the {args.dataset} training set "
+                          f"has {n_train}")
+    if args.grace_period > args.max_epochs:
+        raise SearchError(f"--grace-period {args.grace_period} exceeds --max-epochs {args.max_epochs}")
+
+
+def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """What every trial shares: data, budget, and honest evaluation (validation only). Paths are made
+    absolute: Ray runs each trial in a working directory of its own."""
+    data_dir = str(data_root(args.data_dir).resolve()) if args.dataset == "cifar10" else args.data_dir
+    return dict(dataset=args.dataset, data_dir=data_dir, train_subset=args.train_subset, val_size=args.val_size,
+                eval_test=False, eval_every=1, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
+                mixed_precision=args.mixed_precision, tracker=args.tracker, group=name)
+
+
+def check_address(address: str) -> None:
+    """Fail in seconds, with one line, instead of waiting on a cluster that is not there."""
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or hostport, int(port) if port.isdigit() else 6379), timeout=5):
+            pass
+    except (OSError, ValueError) as e:
+        raise SearchError(f"cannot reach the Ray cluster at {address} ({e.__class__.__name__}: {e})") from None
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    import ray
+
+    check_address(args.address)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs = dict(include_dashboard=False, log_to_driver=args.verbose, configure_logging=True,
+                  logging_level="ERROR")
+    ray.init(address=args.address or None, **kwargs)
+    have = ray.cluster_resources()
+    need_gpu = args.gpus_per_trial * args.workers_per_trial
+    need_cpu = args.cpus_per_trial * args.workers_per_trial + (0.1 if args.workers_per_trial > 1 else 0)
+    if need_gpu > have.get("GPU", 0):
+        raise SearchError(f"a trial needs {need_gpu:g} GPUs but the Ray cluster has {have.get('GPU', 0):g}")
+    if need_cpu > have.get("CPU", 0):
+        raise SearchError(f"a trial needs {need_cpu:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}")
+
+
+def make_tuner(args: argparse.Namespace, space: dict[str, Any], search_dir: Path, name: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    base = base_overrides(args, name)
+    workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
+    per_worker = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
+    trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
+                                     use_gpu=use_gpu, per_worker=per_worker, backend=args.backend)
+    # A Ray Train trial's function only waits on its workers, which ask for the real resources.
+    ray_train = workers > 1 or is_deepspeed(args.backend)
+    resources = {"cpu": 0.1} if ray_train else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    trainable = tune.with_resources(trainable, resources)
+    if ray_train and not args.max_concurrent:  # else trial functions take the CPUs their workers need
+        import ray
+
+        have = ray.cluster_resources()
+        fits = [have.get(k, 0) // (v * workers) for k, v in per_worker.items() if v]
+        args.max_concurrent = max(1, int(min(fits)))
+    run_config = tune.RunConfig(name=name, storage_path=str(search_dir.parent.resolve()),
+                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0)
+    if args.resume:
+        return tune.Tuner.restore(str(search_dir.resolve()), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=args.max_epochs, grace_period=args.grace_period,
+                              reduction_factor=args.reduction_factor)
+    tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, num_samples=args.num_samples,
+                                  max_concurrent_trials=args.max_concurrent or None, reuse_actors=False)
+    return tune.Tuner(trainable, param_space=to_tune(space), tune_config=tune_config, run_config=run_config)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Every check that can fail before a trial starts (the arguments, the search directory, the space,
+    the Ray cluster); the search directory and the space."""
+    check_args(args)
+    search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
+    if args.resume and not (search_dir / "tuner.pkl").exists():
+        raise SearchError(f"nothing to resume in {search_dir} (no tuner.pkl)")
+    if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
+        raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
+    space = load_space(args.space)
+    check_space(space, base_overrides(args, search_dir.name))
+    start_ray(args)
+    return search_dir, space
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        search_dir, space = prepare(args)
+    except SearchError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    name, base = search_dir.name, base_overrides(args, search_dir.name)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        shutil.copy(args.space, search_dir / "space.yaml")
+    print(f"search {name}: {args.num_samples} samples x {args.max_epochs} epochs, ASHA grace {args.grace_period}; "
+          f"ranking on {args.val_size} validation images; results in {search_dir}", flush=True)
+    grid = make_tuner(args, space, search_dir, name).fit()
+    rows = trial_rows(grid, args.max_epochs, base)
+    print(write_table(rows, search_dir / "results.csv"))
+    found = write_best(grid, base, search_dir)
+    if found is None:
+        print(f"{PROG}: error: no trial finished an epoch; see {search_dir}/trials", file=sys.stderr)
+        return 1
+    best, trial = found
+    print(f"best: {best} (val acc {rows[0]['val_acc']:.2%}); train it with "
+          f"`accelerate launch cifar_dist/train.py --config {best}`")
+    # per trial: a resumed search that crowns another one retrains that one
+    return retrain(best, search_dir / f"best-{trial}", args.test_subset) if args.retrain_best else 0
+
+
+def retrain(best: Path, out: Path, test_subset: int) -> int:
+    """Train best.yaml on the full training set, as its own run, and report its test accuracy."""
+    r = subprocess.run([sys.executable, "-m", "cifar_dist.train", "--config", str(best), "--output-dir", str(out),
+                        "--test-subset", str(test_subset)])
+    if r.returncode:
+        return r.returncode
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"best configuration retrained on the full training set: test acc {summary['test_acc']:.2%} ({out})")
+    return 0
