@@ -20,19 +20,18 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, append_result, machine
+from cifar_dist.config import INCIDENTAL, ConfigError, resolve, to_dict
+from cifar_dist.rundir import saved_differences
 from cifar_dist.tables import text_table
-from cifar_dist.config import INCIDENTAL, ConfigError, load_yaml, resolve, to_dict
+
 
 def check_reusable(out: Path, wanted: dict) -> None:
-    saved = out / "config.yaml"
-    if saved.exists():
-        old = load_yaml(saved)
-        diff = sorted(k for k in wanted if k not in INCIDENTAL and old.get(k) != wanted[k])  # (config.py's roles)
-        if diff:
-            raise ConfigError(f"{out} holds a run with other {', '.join(diff)}; pass another --name")
+    """A finished seed is reused only if every setting that changes a result is the same."""
+    if diff := sorted(saved_differences(out, wanted, [k for k in wanted if k not in INCIDENTAL])):
+        raise ConfigError(f"{out} holds a run with other {', '.join(diff)}; pass another --name")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="fast")
     p.add_argument("--seeds", type=int, default=3, help="how many seeds (0..K-1 from --first-seed)")
@@ -43,41 +42,35 @@ def main() -> int:
                                                "e.g. 'accelerate launch --num_processes 1'")
     p.add_argument("--results", default="accuracy.jsonl", help="file under bench/results/ ('' : none)")
     p.add_argument("train_args", nargs="*", help="train.py flags, after --")
-    a = p.parse_args()
-    base = ["--preset", a.preset, *a.train_args]
-    try:
-        resolve(base)  # bad flags fail here, once, not in every seed
-    except ConfigError as e:
-        print(f"bench.accuracy: error: {e}", file=sys.stderr)
-        return 2
-    folder = Path(a.out) / (a.name or a.preset)
-    rows = []
-    for seed in range(a.first_seed, a.first_seed + a.seeds):
-        out = folder / f"seed-{seed}"
-        args = [*base, "--seed", str(seed), "--output-dir", str(out)]
-        cfg = resolve(args)
-        try:
-            check_reusable(out, to_dict(cfg))
-        except ConfigError as e:
-            print(f"bench.accuracy: error: {e}", file=sys.stderr)
-            return 2
-        cmd = shlex.split(a.launch) + [str(ROOT / "cifar_dist" / "train.py")] if a.launch else \
-            [sys.executable, "-m", "cifar_dist.train"]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with (folder / f"seed-{seed}.log").open("a") as log:
-            code = subprocess.call([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wall = time.perf_counter() - t0
-        if code != 0 or not (out / "summary.json").exists():
-            print(f"bench.accuracy: error: seed {seed} failed (exit {code}); see {folder}/seed-{seed}.log",
-                  file=sys.stderr)
-            return 1
-        s = json.loads((out / "summary.json").read_text())
-        rows.append(dict(seed=seed, test_acc=f"{100 * s['test_acc']:.2f}", epochs=s["epochs_completed"],
-                         train_seconds=f"{s['total_seconds']:.0f}", wall_seconds=f"{wall:.0f}",
-                         train_pflops=f"{s['train_flops'] / 1e15:.3f}", _summary=s))
-        print(text_table(rows[-1:], ["seed", "test_acc", "epochs", "train_seconds", "wall_seconds", "train_pflops"]),
-              flush=True)
+    return p.parse_args()
+
+
+def run_seed(a: argparse.Namespace, base: list[str], folder: Path, seed: int) -> dict:
+    """One seed in its own process (or read back when it already finished there); its table row."""
+    out = folder / f"seed-{seed}"
+    args = [*base, "--seed", str(seed), "--output-dir", str(out)]
+    check_reusable(out, to_dict(resolve(args)))
+    cmd = shlex.split(a.launch) + [str(ROOT / "cifar_dist" / "train.py")] if a.launch else \
+        [sys.executable, "-m", "cifar_dist.train"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with (folder / f"seed-{seed}.log").open("a") as log:
+        code = subprocess.call([*cmd, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if code != 0 or not (out / "summary.json").exists():
+        raise SeedFailed(f"seed {seed} failed (exit {code}); see {folder}/seed-{seed}.log")
+    s = json.loads((out / "summary.json").read_text())
+    return dict(seed=seed, test_acc=f"{100 * s['test_acc']:.2f}", epochs=s["epochs_completed"],
+                train_seconds=f"{s['total_seconds']:.0f}", wall_seconds=f"{wall:.0f}",
+                train_pflops=f"{s['train_flops'] / 1e15:.3f}", _summary=s)
+
+
+class SeedFailed(RuntimeError):
+    pass
+
+
+def report(a: argparse.Namespace, rows: list[dict]) -> dict:
+    """Mean ± std over the seeds, printed; the record appended to bench/results/."""
     accs = [100 * r["_summary"]["test_acc"] for r in rows]
     first = rows[0]["_summary"]
     mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -89,6 +82,27 @@ def main() -> int:
           f"{first['train_flops'] / 1e15:.3f} PFLOP training): test accuracy {mean:.2f} ± {std:.2f} % "
           f"(n={len(accs)}, min {min(accs):.2f}, max {max(accs):.2f}); "
           f"{statistics.mean(record['train_seconds']):.0f} s per run on {machine()}")
+    return record
+
+
+def main() -> int:
+    a = parse_args()
+    base = ["--preset", a.preset, *a.train_args]
+    folder = Path(a.out) / (a.name or a.preset)
+    rows = []
+    try:
+        resolve(base)  # bad flags fail here, once, not in every seed
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
+            rows.append(run_seed(a, base, folder, seed))
+            print(text_table(rows[-1:], ["seed", "test_acc", "epochs", "train_seconds", "wall_seconds",
+                                         "train_pflops"]), flush=True)
+    except ConfigError as e:
+        print(f"bench.accuracy: error: {e}", file=sys.stderr)
+        return 2
+    except SeedFailed as e:
+        print(f"bench.accuracy: error: {e}", file=sys.stderr)
+        return 1
+    record = report(a, rows)
     if a.results:
         print(f"appended to {append_result(a.results, record)}")
     return 0

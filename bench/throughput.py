@@ -90,7 +90,18 @@ def main() -> int:
     p.add_argument("--ceiling-seconds", type=float, default=10.0, help="seconds per ceiling measurement")
     p.add_argument("--results", default="throughput.jsonl", help="file under bench/results/ (or an absolute path)")
     a = p.parse_args()
+    pairs, t_med, o_med = side_by_side(a)
+    grid = presets_table(a)
+    bound = ceilings(a, t_med)
+    path = append_result(a.results, dict(images=a.images, tutorial_workers=a.workers, rounds=pairs,
+                                         median_tutorial=t_med, median_ours=o_med,
+                                         ratio=round(o_med / t_med, 2), presets=grid, ceiling=bound))
+    print(f"appended to {path}")
+    return 0
 
+
+def side_by_side(a: argparse.Namespace) -> tuple[list[dict], float, float]:
+    """The tutorial's loop and ours on seed3, fp32, interleaved round by round; the medians."""
     pairs = []
     for i in range(a.rounds):
         t = tutorial(a.data_dir, a.images, a.workers)
@@ -102,13 +113,15 @@ def main() -> int:
     print(f"\nseed3, fp32, {a.images} images per epoch, {machine()}:")
     print(text_table(pairs, ["round", "tutorial", "ours", "ratio"]))
     print(f"median: tutorial {t_med:.0f} img/s, ours {o_med:.0f} img/s: {o_med / t_med:.2f}x\n")
+    return pairs, t_med, o_med
 
+
+def presets_table(a: argparse.Namespace) -> list[dict]:
+    """Our loop for every preset (its own recipe and batch), fp32/bf16, eager (and compiled)."""
     grid = []
-    presets = [x for x in a.presets.split(",") if x]
-    precisions = ["no", "bf16"]
-    for preset in presets:
+    for preset in [x for x in a.presets.split(",") if x]:
         row = dict(preset=preset)
-        for precision in precisions:
+        for precision in ("no", "bf16"):
             for compiled in ([False, True] if a.compile else [False]):
                 n = a.images if preset != "resnet18" else max(1024, a.images // 5)  # resnet18 is ~20x the work
                 n = max(n, 3 * (1024 if preset == "fast" else 256))  # at least 3 steps of the recipe's batch
@@ -117,22 +130,22 @@ def main() -> int:
                 print(f"  {preset} {precision} compile={compiled}: {ips:.0f} img/s", flush=True)
         grid.append(row)
     if grid:
-        cols = ["preset"] + [c for c in grid[0] if c != "preset"]
         print(f"\nour loop, training images/s, each preset's own recipe (batch size), {machine()}:")
-        print(text_table(grid, cols))
+        print(text_table(grid, list(grid[0])))
+    return grid
+
+
+def ceilings(a: argparse.Namespace, t_med: float) -> list[dict]:
+    """seed3's bare training step at batch 100 and 256, fp32 and bf16, against the tutorial's median."""
     bound = []
     for batch in (100, 256):
         row = dict(batch=batch, **{p: round(ceiling("seed3", batch, p == "bf16", a.ceiling_seconds))
                                    for p in ("fp32", "bf16")})
-        bound.append(row)
         row["best / tutorial"] = f"{max(row['fp32'], row['bf16']) / t_med:.2f}x"
+        bound.append(row)
     print(f"\nceiling: seed3 training step alone (random tensors, channels-last), images/s, {machine()}:")
     print(text_table(bound, ["batch", "fp32", "bf16", "best / tutorial"]))
-    path = append_result(a.results, dict(images=a.images, tutorial_workers=a.workers, rounds=pairs,
-                                                  median_tutorial=t_med, median_ours=o_med,
-                                                  ratio=round(o_med / t_med, 2), presets=grid, ceiling=bound))
-    print(f"appended to {path}")
-    return 0
+    return bound
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -94,7 +95,8 @@ def run(data_dir: str, epochs: int, train_subset: int = 0, test_subset: int = 0,
 def run_script(data_dir: str, args: list[str], who: str) -> list[dict]:
     """This file as its own process (a clean process per measurement); its per-epoch history."""
     cmd = [sys.executable, "-m", "bench.tutorial", "--data-dir", data_dir, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # ROOT, not the cwd
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     if r.returncode != 0:
         raise SystemExit(f"{who}: error: the tutorial loop failed: {r.stderr.strip()[-500:]}")
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]

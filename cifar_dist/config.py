@@ -102,7 +102,9 @@ class Config:
 IDENTITY = with_role(Config, "identity")
 INCIDENTAL = with_role(Config, "machine", "record")
 
+
 def check_config(cfg: Config) -> None:
+    """Raise a one-line ConfigError for the first setting outside its allowed values or range."""
     check_choices(cfg, ConfigError)
     for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints", "log_every",
                  "feature_channels", "eval_every"):
@@ -177,10 +179,7 @@ def _apply(cfg: Config, overrides: dict[str, Any], source: str) -> None:
 
 
 def _coerce(value: Any, typ: Any, meta: dict[str, Any], key: str, source: str) -> Any:
-    if values := allowed(typ, meta):
-        if value not in values:
-            raise ConfigError(f"unknown {key} {value!r} in {source}; choose from "
-                              f"{', '.join(str(v) for v in values if v != '')}")
+    if allowed(typ, meta):  # checked once the layers are merged (check_config): a later layer may mend it
         return value
     try:
         if typ is bool:
@@ -235,6 +234,7 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
         _apply(cfg, {k: values[k] for k in ("preset", "recipe") if k in values}, source)
     if not any("recipe" in values for values, _ in layers):
         cfg.recipe = PRESET_RECIPE.get(cfg.preset, "default")
+    check_choices(cfg, ConfigError, ("preset", "recipe"))
     preset, recipe = cfg.preset, cfg.recipe
     _apply(cfg, PRESETS[preset], f"preset {preset}")
     _apply(cfg, RECIPES[recipe], f"recipe {recipe}")

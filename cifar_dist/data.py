@@ -1,8 +1,8 @@
 """CIFAR-10 as uint8 tensors on the training device, augmented there in batches.
 
 Reads the official binary layout (`cifar-10-batches-bin/`, our reader: torchvision has none) or the
-python layout (`cifar-10-batches-py/`, torchvision's `CIFAR10`), validating every file; or generates a small synthetic set with a learnable
-class signal. No per-image PIL work: crops and flips are done on whole batches, on the device.
+python layout (`cifar-10-batches-py/`, torchvision's `CIFAR10`), validating every file; or generates a
+small synthetic set with a learnable class signal. No per-image PIL work: crops and flips are done on whole batches, on the device.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torchvision
 from torchvision.datasets.utils import check_integrity
+
+from cifar_dist.config import Config
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -147,10 +149,13 @@ def download(root: Path) -> None:
         torchvision.datasets.CIFAR10(str(root), train=train, download=True)
 
 
+# --- the data a run asks for ----------------------------------------------------------------------
+
 SYNTHETIC_SIZES = (2000, 500)  # training and test images of --dataset synthetic
 
 
-def synthetic(n_train: int = SYNTHETIC_SIZES[0], n_test: int = SYNTHETIC_SIZES[1], seed: int = 1234) -> tuple[Split, Split, list[str]]:
+def synthetic(n_train: int = SYNTHETIC_SIZES[0], n_test: int = SYNTHETIC_SIZES[1],
+              seed: int = 1234) -> tuple[Split, Split, list[str]]:
     """Ten classes, each a smooth random colour pattern, plus noise: learnable in an epoch or two."""
     g = torch.Generator().manual_seed(seed)
     templates = torch.nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32,
@@ -183,7 +188,7 @@ def data_root(data_dir: str) -> Path:
     return Path(data_dir or os.environ.get("CIFAR10_DIR") or "data").expanduser()
 
 
-def load_data(cfg) -> Data:
+def load_data(cfg: Config) -> Data:
     """The Data a Config asks for: dataset, subsets, validation hold-out, normalisation."""
     if cfg.dataset == "synthetic":
         train, test, classes = synthetic()
@@ -261,7 +266,7 @@ def _flip_start(seed: int, n: int = 60_000) -> torch.Tensor:
     return torch.rand(n, generator=torch.Generator().manual_seed(seed + 77)) < 0.5
 
 
-def train_batches(split: Split, cfg, epoch: int, rank: int, world: int,
+def train_batches(split: Split, cfg: Config, epoch: int, rank: int, world: int,
                   mean: tuple[float, ...] = (0.0, 0.0, 0.0)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's micro-batches for one epoch: uint8 images (augmented) and labels.
 

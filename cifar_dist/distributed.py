@@ -14,7 +14,9 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_obj
 
 from cifar_dist.config import Config, ConfigError
 
+
 def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of `names` that are not installed."""
     return [m for m in names if importlib.util.find_spec(m) is None]
 
 

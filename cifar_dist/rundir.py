@@ -66,17 +66,24 @@ def output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     out = Path(name[0])
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output dir {out} is a file")
-    saved = out / "config.yaml"
-    if saved.exists():
-        old = load_yaml(saved)
-        new = to_dict(cfg)  # IDENTITY: the settings declared with role "identity" in config.py
-        diff = [k for k in IDENTITY if old.get(k) != new[k]]
-        if diff:
-            raise ConfigError(f"output dir {out} holds a run with another {', '.join(diff)}; "
-                              "use a new --output-dir (nothing was changed)")
-    elif out.is_dir() and any(p.name != "checkpoints" for p in out.iterdir()):  # (a Tune restore brings those)
+    if diff := saved_differences(out, to_dict(cfg), IDENTITY):
+        raise ConfigError(f"output dir {out} holds a run with another {', '.join(diff)}; "
+                          "use a new --output-dir (nothing was changed)")
+    # A directory without config.yaml must be empty, but for the checkpoints a Tune restore puts back.
+    foreign = [p for p in out.iterdir() if p.name != "checkpoints"] if out.is_dir() else []
+    if foreign and not (out / "config.yaml").exists():
         raise ConfigError(f"output dir {out} is not empty and holds no cifar-dist run (no config.yaml)")
     return out
+
+
+def saved_differences(out: Path, wanted: dict[str, Any], keys: list[str]) -> list[str]:
+    """Which of `keys` the run saved in out/config.yaml has with other values than `wanted` (none when
+    out holds no run). IDENTITY refuses a directory; a benchmark compares all but INCIDENTAL."""
+    saved = out / "config.yaml"
+    if not saved.exists():
+        return []
+    old = load_yaml(saved)
+    return [k for k in keys if old.get(k) != wanted[k]]
 
 
 def finished_summary(out: Path, cfg: Config) -> dict[str, Any] | None:

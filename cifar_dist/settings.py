@@ -44,9 +44,11 @@ def with_role(cls: type, *roles: Role) -> list[str]:
     return [name for name, (_, meta) in declared(cls).items() if meta.get("role") in roles]
 
 
-def check_choices(obj: Any, error: type[Exception]) -> None:
-    """Raise `error` naming the first field whose value is outside its allowed values."""
+def check_choices(obj: Any, error: type[Exception], names: tuple[str, ...] = ()) -> None:
+    """Raise `error` naming the first field (of `names`, or of all) whose value is outside its allowed values."""
     for name, (typ, meta) in declared(type(obj)).items():
+        if names and name not in names:
+            continue
         values = allowed(typ, meta)
         if values and getattr(obj, name) not in values:
             shown = ", ".join(str(v) for v in values if v != "")

@@ -76,6 +76,15 @@ def start(accelerator: Accelerator, names: list[str], config: dict[str, Any], ou
                               init_kwargs=kwargs)
 
 
+def finish_failed(accelerator: Accelerator) -> None:
+    """After an error: close the trackers, a W&B run marked failed (exit code 1), not finished."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.run.finish(exit_code=1)
+        else:
+            tracker.finish()
+
+
 def log_images(accelerator: Accelerator, names: list[str], images: dict[str, np.ndarray], step: int) -> None:
     """uint8 HWC arrays (float arrays in [0, 1] come out black in wandb.Image: we never pass them)."""
     if not accelerator.is_main_process:

@@ -54,11 +54,17 @@ class Run:
     state: TrainState
     steps_per_epoch: int
     precision: str
+    size: tuple[int, int]  # parameters and bytes of the model as built (DeepSpeed may cast what it prepares)
     confusion: torch.Tensor | None = None  # of the main split, at its last evaluation
 
     @property
     def main(self) -> str:
         return list(self.evals)[-1]
+
+    def first_images(self, n: int) -> D.Split:
+        """The first n images of the main split: the same ones in every picture."""
+        split = self.evals[self.main]
+        return split.take(torch.arange(min(n, len(split))))
 
 
 def say(accelerator: Accelerator, message: str) -> None:
@@ -73,28 +79,47 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch."""
     trackers = tracking.parse(cfg.tracker)
     accelerator = make_accelerator(cfg, trackers, deepspeed_plugin)
-    preemption = Preemption()
+    preemption, failed = None, True
     try:  # one teardown for every way out: the end, a preemption stop, an error
         out = output_dir(cfg, accelerator)
         if (done := finished_summary(out, cfg)) is not None:
             acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
             say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
-            return done
-        run = setup(cfg, accelerator, out, trackers)
-        start_records(run)
-        first = run.state.epoch
-        for epoch in range(first, cfg.epochs):
-            if (sums := train_epoch(run, epoch, preemption)) is None:
-                return stop(run, epoch, preemption, saved=False)
-            metrics = end_epoch(run, epoch, sums)
-            if on_epoch is not None:
-                on_epoch(metrics, checkpoints(out)[-1])
-            if run.state.epoch < cfg.epochs and preemption.requested(accelerator):
-                return stop(run, epoch + 1, preemption, saved=True)
-        return finish(run)
+        else:
+            run = setup(cfg, accelerator, out, trackers)
+            start_records(run)
+            preemption = Preemption()  # from here on a signal stops training at a step, with a checkpoint
+            done = run_epochs(run, preemption, on_epoch)
+        failed = False
+        return done
     finally:
+        teardown(accelerator, preemption, failed)
+
+
+def run_epochs(run: Run, preemption: Preemption,
+               on_epoch: Callable[[dict[str, Any], Path], None] | None) -> dict[str, Any]:
+    """The epochs still to train, then the results; or a checkpoint and a stop when a signal came."""
+    for epoch in range(run.state.epoch, run.cfg.epochs):
+        if (sums := train_epoch(run, epoch, preemption)) is None:
+            return stop(run, epoch, preemption, saved=False)
+        metrics = end_epoch(run, epoch, sums)
+        if on_epoch is not None:
+            on_epoch(metrics, checkpoints(run.out)[-1])
+        if run.state.epoch < run.cfg.epochs and preemption.requested(run.accelerator):
+            return stop(run, epoch + 1, preemption, saved=True)
+    return finish(run)
+
+
+def teardown(accelerator: Accelerator, preemption: Preemption | None, failed: bool) -> None:
+    """Signal handlers back to their defaults; trackers finished and the process group destroyed, a clean
+    exit for every rank. After an error the trackers are closed as failed and the group is left to the
+    exiting process (another rank may still be inside a collective)."""
+    if preemption is not None:
         preemption.restore()
-        accelerator.end_training()  # trackers finished, process group destroyed: a clean exit for every rank
+    if failed:
+        tracking.finish_failed(accelerator)
+    else:
+        accelerator.end_training()
 
 
 # --- set-up ----------------------------------------------------------------------------------------
@@ -109,7 +134,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str])
     data, train_set, evals = load_splits(cfg, accelerator)
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
     precision = accelerator.mixed_precision  # as asked: DeepSpeed on CPU turns bf16 into its own autocast setting
-    model, optimizer = build(cfg, accelerator, train_set, norm)
+    model, optimizer, size = build(cfg, accelerator, train_set, norm)
     steps_per_epoch = len(train_set) // cfg.batch_size
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
     state = TrainState()
@@ -119,7 +144,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str])
         lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs)
         accelerator.register_for_checkpointing(lookahead)
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
-              state, steps_per_epoch, precision)
+              state, steps_per_epoch, precision, size)
     if ckpts := checkpoints(out):
         resume(accelerator, ckpts[-1], optimizer, scheduler)
         say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
@@ -146,8 +171,9 @@ def load_splits(cfg: Config, accelerator: Accelerator) -> tuple[D.Data, D.Split,
 
 
 def build(cfg: Config, accelerator: Accelerator, train_set: D.Split,
-          norm: D.Normalize) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The model and its optimizer, prepared by Accelerate (DDP or DeepSpeed wrap them)."""
+          norm: D.Normalize) -> tuple[torch.nn.Module, torch.optim.Optimizer, tuple[int, int]]:
+    """The model and its optimizer, prepared by Accelerate (DDP or DeepSpeed wrap them), and the size of
+    the model as built."""
     deepspeed = uses_deepspeed(accelerator)
     if cfg.lookahead and deepspeed:
         raise ConfigError("--lookahead does not work under DeepSpeed (ZeRO keeps its own copy of the weights); "
@@ -155,13 +181,14 @@ def build(cfg: Config, accelerator: Accelerator, train_set: D.Split,
     model = build_model(cfg.model)
     if cfg.model.stem == "whiten":  # from the first 5000 training images, the same on every rank
         model.init_whitening(norm(train_set.images[:5000]).cpu())
+    size = count_params(model), model_bytes(model)
     if cfg.channels_last and not deepspeed:  # DeepSpeed's broadcast needs contiguous parameters
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:  # in place: the module and its state_dict names stay as they are (no `_orig_mod.`)
         model.compile()
     optimizer = make_optimizer(cfg, model)
     configure_deepspeed(accelerator, cfg)
-    return accelerator.prepare(model, optimizer)
+    return *accelerator.prepare(model, optimizer), size
 
 
 def start_records(run: Run) -> None:
@@ -174,14 +201,13 @@ def start_records(run: Run) -> None:
     if not accelerator.is_main_process:
         return
     write_metrics(out, run.state.history)
-    model = accelerator.unwrap_model(run.model)
-    table = summarize(model)
+    table = summarize(accelerator.unwrap_model(run.model))
     (out / "model_summary.txt").write_text(table + "\n")
     say(accelerator, table)
-    samples = run.evals[run.main].take(torch.arange(min(16, len(run.evals[run.main]))))
-    pictures.publish(accelerator, run.trackers, {"samples": pictures.sample_grid(samples.images, samples.labels,
-                                                                                 run.data.classes)}, out, run.state.step)
-    say(accelerator, f"{cfg.preset}: {count_params(model):,} parameters, {model_bytes(model) / 2**20:.2f} MB; "
+    samples = run.first_images(16)
+    grid = pictures.sample_grid(samples.images, samples.labels, run.data.classes)
+    pictures.publish(accelerator, run.trackers, {"samples": grid}, out, run.state.step)
+    say(accelerator, f"{cfg.preset}: {run.size[0]:,} parameters, {run.size[1] / 2**20:.2f} MB; "
                      f"{len(run.train_set):,} train / {len(run.evals[run.main]):,} {run.main} images; "
                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
                      f"{accelerator.mixed_precision}; output {out}")
@@ -212,7 +238,8 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
         if accelerator.sync_gradients and state.step % cfg.log_every == 0:
             if check_in(run, loss, preemption, bar, epoch):
                 bar.close()
-                state.batch, state.partial = i + 1, [*accelerator.reduce(sums, "sum").tolist(), time.perf_counter() - t0]
+                state.batch = i + 1
+                state.partial = [*accelerator.reduce(sums, "sum").tolist(), time.perf_counter() - t0]
                 return None
         if accelerator.sync_gradients:
             bar.update(1)
@@ -292,7 +319,7 @@ def epoch_line(run: Run, m: dict[str, Any]) -> str:
 
 def feature_maps(run: Run, tag: str) -> None:
     """Main process: feature maps of the same few images of the main split, every time."""
-    probe = run.evals[run.main].take(torch.arange(min(4, len(run.evals[run.main]))))
+    probe = run.first_images(4)
     pictures.log_feature_maps(run.accelerator, run.trackers, run.model, run.norm(probe.images),
                               run.cfg.feature_channels, run.out / "feature_maps" / tag, run.state.step)
 
@@ -316,8 +343,8 @@ def finish(run: Run) -> dict[str, Any]:
     per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(run.data.classes)}
     if accelerator.is_main_process:
         feature_maps(run, "final")
-        pictures.publish(accelerator, run.trackers,
-                         {"confusion_matrix": pictures.confusion_figure(confusion, run.data.classes)}, run.out, state.step)
+        figure = pictures.confusion_figure(confusion, run.data.classes)
+        pictures.publish(accelerator, run.trackers, {"confusion_matrix": figure}, run.out, state.step)
         accelerator.log({f"{run.main}/acc_{c}": a for c, a in per_class.items()}, step=state.step)
     summary = summarize_run(run, per_class, rank_digests(run.model))
     if accelerator.is_main_process:
@@ -332,13 +359,12 @@ def finish(run: Run) -> dict[str, Any]:
 def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> dict[str, Any]:
     """summary.json: the config, final and best accuracy per split, FLOPs, the machine and the world."""
     cfg, accelerator, history = run.cfg, run.accelerator, run.state.history
-    model = accelerator.unwrap_model(run.model)
     summary: dict[str, Any] = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg))
     for name in run.evals:
         summary[f"{name}_acc"] = history[-1][f"{name}_acc"]
         summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in history if f"{name}_acc" in m)
     summary.update(flops.run_flops(cfg, len(run.train_set), sum(len(s) for s in run.evals.values())))
-    summary.update(epochs_completed=run.state.epoch, params=count_params(model), model_bytes=model_bytes(model),
+    summary.update(epochs_completed=run.state.epoch, params=run.size[0], model_bytes=run.size[1],
                    world_size=accelerator.num_processes, mixed_precision=run.precision,
                    device=accelerator.device.type, total_seconds=run.state.seconds,
                    distributed_type=str(accelerator.distributed_type), engine=type(run.model).__name__,
@@ -346,6 +372,8 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
                    normalization=dict(mean=list(run.data.mean), std=list(run.data.std)))
     return summary
 
+
+# --- the command ---------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     try:

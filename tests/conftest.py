@@ -1,4 +1,5 @@
-"""Shared helpers: run the real CLI in a subprocess, write small CIFAR-10 files."""
+"""Shared helpers: the tiny-model arguments, running the real CLI in a subprocess, waiting for a file,
+killing a process tree, writing small CIFAR-10 files."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and the synthetic dataset keep a training run to seconds on 2 CPU cores.
-TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1",
-        "--strides", "1,2", "--head", "gap", "--batch-size", "100", "--lr", "0.05", "--log-every", "5"]
+TINY_MODEL = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1",
+              "--strides", "1,2", "--head", "gap", "--batch-size", "100"]
+TINY = [*TINY_MODEL, "--lr", "0.05", "--log-every", "5"]
 
 
 def env(**extra: str | None) -> dict[str, str]:
@@ -40,6 +43,29 @@ def accelerate_launch(args: list[str], cwd: Path, nproc: int = 2, timeout: int =
                           text=True, timeout=timeout)
 
 
+def wait_for_file(path: Path, timeout: float, poll: float = 0.05) -> bool:
+    """Poll until `path` exists (a checkpoint being written by another process); False on timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(poll)
+    return path.exists()
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every descendant (accelerate's launcher, torchrun's agent and the ranks, or
+    a search driver and the local Ray it started), as a preempted job would lose them; then reap them."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=30)
+
+
 def free_port() -> int:
     import socket
 
@@ -61,12 +87,22 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
 
 
-def write_bin(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The official binary layout, n records per file: label byte + R, G, B planes."""
+def learnable_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each class a fixed smooth colour pattern plus noise (as --dataset synthetic): a net learns it."""
+    templates = np.repeat(np.repeat(np.random.default_rng(1234).normal(size=(10, 3, 4, 4)), 8, 2), 8, 3)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = 128 + 50 * templates[labels] + 40 * rng.normal(size=(n, 3, 32, 32))
+    return images.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_bin(folder: Path, n: int = 20, learnable: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The official binary layout, n records per file: label byte + R, G, B planes. Random pixels and
+    labels, or (learnable) images whose class can be learned."""
     folder.mkdir(parents=True)
     written = {}
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        images, labels = make_images(n, i)
+        images, labels = (learnable_images if learnable else make_images)(n, i)
         rec = np.concatenate([labels[:, None], images.reshape(n, -1)], axis=1)
         (folder / f"{name}.bin").write_bytes(rec.tobytes())
         written[name] = (images, labels)
@@ -86,6 +122,33 @@ def write_py(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarra
             pickle.dump({"data": images.reshape(n, -1), "labels": labels.tolist()}, f)
         written[name] = (images, labels)
     return written
+
+
+@pytest.fixture
+def main_in_process(capsys, monkeypatch):
+    """Call a command's main(argv) in this process, for what is not about processes (bad input): returns
+    (exit code, stderr). Accelerate's process-wide state is reset afterwards."""
+    from accelerate.state import AcceleratorState
+
+    def call(main, argv: list[str], **environ: str) -> tuple[int, str]:
+        for key, value in environ.items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse: exit 2 with its usage line
+            code = e.code
+        return code, capsys.readouterr().err
+
+    yield call
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def assert_one_line_error(code: int, stderr: str, text: str) -> None:
+    """Exit 2, the text in an error line, and no traceback."""
+    assert code == 2, stderr
+    assert any(text in line for line in stderr.splitlines() if "error" in line.lower()), stderr
+    assert "Traceback" not in stderr
 
 
 @pytest.fixture

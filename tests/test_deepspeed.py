@@ -1,15 +1,13 @@
 """DeepSpeed ZeRO through Accelerate, 2 CPU processes (gloo), from the same train.py."""
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import ROOT, accelerate_launch, env, free_port, metrics, summary
+from conftest import TINY_MODEL, ROOT, accelerate_launch, env, free_port, kill_tree, metrics, summary, wait_for_file
 
 pytestmark = pytest.mark.timeout(400)
-TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1", "--strides", "1,2",
-        "--head", "gap", "--batch-size", "100"]
+TINY = TINY_MODEL
 
 
 def ds_cmd(config: str, args: list[str]) -> list[str]:
@@ -47,16 +45,8 @@ def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(ds_cmd("deepspeed-zero2.yaml", [*args, str(out)]), cwd=tmp_path, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 200
-    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
-        time.sleep(0.05)
-    import psutil
-
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in tree:  # the launcher, torchrun's agent and both ranks (the agent starts ranks in new sessions)
-        p.kill()
-    proc.wait()
-    psutil.wait_procs(tree, timeout=30)
+    assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=200)
+    kill_tree(proc)  # the launcher, torchrun's agent and both ranks (the agent starts ranks in new sessions)
     assert not (out / "summary.json").exists()
     r = deepspeed_run([*args, str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]

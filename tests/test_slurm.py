@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, env, metrics, summary
+from conftest import TINY_MODEL, ROOT, env, metrics, summary, wait_for_file
 
 pytestmark = pytest.mark.timeout(420)
-TINY = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1", "--strides", "1,2",
-        "--head", "gap", "--batch-size", "100"]
+TINY = TINY_MODEL
 
 
 # --- the launcher against a faked SLURM environment (scontrol answered by a script) -----------------
@@ -135,9 +134,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_every_epoch_once(cluster
     out = tmp_path / "run"
     j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
                [*TINY, "--epochs", "10", "--log-every", "1", "--output-dir", str(out)], tmp_path)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
-        time.sleep(0.1)
+    assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=240, poll=0.1)
     # what SLURM does at --signal=B:USR1@<seconds> before the time limit: USR1 to the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", j], env=e, check=True)
     info = wait_for(cluster, j, states=("PENDING",), timeout=120)

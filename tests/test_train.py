@@ -3,13 +3,13 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
-from conftest import env, metrics, run_train, summary, write_bin
+from cifar_dist import train
+from conftest import assert_one_line_error, env, metrics, run_train, summary, wait_for_file, write_bin
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,9 +54,7 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, tiny_args):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
-        time.sleep(0.05)
+    wait_for_file(out / "checkpoints" / "epoch-0002", timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "epoch-0002").exists() and not (out / "summary.json").exists()
@@ -70,11 +68,8 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, tiny_args):
     assert rows[-1]["test_acc"] == metrics(ref)[-1]["test_acc"]
 
 
-def assert_one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [line for line in r.stderr.splitlines() if "error" in line.lower()]
-    assert any(text in line for line in lines), r.stderr
-    assert "Traceback" not in r.stderr
+def assert_cli_error(r: subprocess.CompletedProcess, text: str) -> None:
+    assert_one_line_error(r.returncode, r.stderr, text)
 
 
 @pytest.mark.parametrize("args, text", [
@@ -88,32 +83,41 @@ def assert_one_line_error(r: subprocess.CompletedProcess, text: str) -> None:
     (["--batch-size", "5000"], "larger than the training set"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
-def test_bad_input_one_line_exit_2(tmp_path, args, text):
-    r = run_train(["--dataset", "synthetic", "--output-dir", str(tmp_path / "o"), *args], tmp_path)
-    assert_one_line_error(r, text)
+def test_bad_input_one_line_exit_2(tmp_path, main_in_process, args, text):
+    code, err = main_in_process(train.main, ["--dataset", "synthetic", "--output-dir", str(tmp_path / "o"), *args])
+    assert_one_line_error(code, err, text)
+    assert not (tmp_path / "o" / "config.yaml").exists()
 
 
-def test_missing_and_truncated_data(tmp_path):
-    r = run_train(["--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "o")], tmp_path)
-    assert_one_line_error(r, "no CIFAR-10 in")
+def test_bad_input_from_the_real_command(tmp_path):
+    """The same, as a user meets it: a process whose exit code is 2 and whose stderr is one line."""
+    r = run_train(["--dataset", "synthetic", "--batch-size", "5000", "--output-dir", str(tmp_path / "o")], tmp_path)
+    assert_cli_error(r, "batch_size 5000 is larger than the training set (2000 images)")
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_missing_and_truncated_data(tmp_path, main_in_process):
+    out = ["--output-dir", str(tmp_path / "o")]
+    assert_one_line_error(*main_in_process(train.main, ["--data-dir", str(tmp_path / "nowhere"), *out]),
+                          "no CIFAR-10 in")
     write_bin(tmp_path / "d" / "cifar-10-batches-bin", n=3)
-    r = run_train(["--data-dir", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o")], tmp_path)
-    assert_one_line_error(r, "data_batch_1.bin has 9219 bytes, expected 30730000")
-    r = run_train(["--output-dir", str(tmp_path / "o")], tmp_path, CIFAR10_DIR=str(tmp_path / "d"))
-    assert_one_line_error(r, "data_batch_1.bin has 9219 bytes")  # $CIFAR10_DIR is the default
+    assert_one_line_error(*main_in_process(train.main, ["--data-dir", str(tmp_path / "d"), *out]),
+                          "data_batch_1.bin has 9219 bytes, expected 30730000")
+    assert_one_line_error(*main_in_process(train.main, out, CIFAR10_DIR=str(tmp_path / "d")),
+                          "data_batch_1.bin has 9219 bytes")  # $CIFAR10_DIR is the default
 
 
 def test_output_path_that_is_a_file_is_refused_untouched(tmp_path, tiny_args):
     target = tmp_path / "results.txt"
     target.write_text("precious")
     r = run_train([*tiny_args, "--output-dir", str(target)], tmp_path)
-    assert_one_line_error(r, "is a file")
+    assert_cli_error(r, "is a file")
     assert target.read_text() == "precious"
     other = tmp_path / "notes"
     other.mkdir()
     (other / "metrics.jsonl").write_text("mine\n")
     r = run_train([*tiny_args, "--output-dir", str(other)], tmp_path)
-    assert_one_line_error(r, "holds no cifar-dist run")
+    assert_cli_error(r, "holds no cifar-dist run")
     assert (other / "metrics.jsonl").read_text() == "mine\n"
 
 
@@ -122,9 +126,9 @@ def test_other_architecture_or_dataset_in_a_run_dir_is_refused(tmp_path, tiny_ar
     assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     r = run_train([*tiny_args, "--widths", "8,32", "--epochs", "2", "--output-dir", str(out)], tmp_path)
-    assert_one_line_error(r, "holds a run with another model")
+    assert_cli_error(r, "holds a run with another model")
     r = run_train([*tiny_args, "--dataset", "cifar10", "--epochs", "2", "--output-dir", str(out)], tmp_path)
-    assert_one_line_error(r, "another dataset")
+    assert_cli_error(r, "another dataset")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -135,7 +139,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_args):
     cfg["model"]["widths"] = [8, 32]  # someone edited the saved config: the checkpoint no longer fits
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
     r = run_train(["--config", str(out / "config.yaml"), "--epochs", "2"], tmp_path)
-    assert_one_line_error(r, "does not fit this run")
+    assert_cli_error(r, "does not fit this run")
     assert (out / "checkpoints" / "epoch-0001").is_dir() and len(metrics(out)) == 1
 
 
@@ -159,9 +163,7 @@ def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, tin
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)],
                             cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "epoch-0002").exists():
-        time.sleep(0.02)
+    wait_for_file(out / "checkpoints" / "epoch-0002", timeout=120, poll=0.02)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]

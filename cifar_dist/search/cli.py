@@ -116,11 +116,12 @@ def start_ray(args: argparse.Namespace) -> None:
         raise SearchError(f"a trial needs {need_cpu:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}")
 
 
-def make_tuner(args: argparse.Namespace, space: dict[str, Any], search_dir: Path, name: str):
+def make_tuner(args: argparse.Namespace, space: dict[str, Any], base: dict[str, Any], search_dir: Path):
+    """The Tuner (or the restored one): the trial function, its resources, ASHA on validation accuracy."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    base = base_overrides(args, name)
+    name = search_dir.name
     workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
     per_worker = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
     trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
@@ -148,9 +149,9 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], search_dir: Path
     return tune.Tuner(trainable, param_space=to_tune(space), tune_config=tune_config, run_config=run_config)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Every check that can fail before a trial starts (the arguments, the search directory, the space,
-    the Ray cluster); the search directory and the space."""
+    the Ray cluster); the search directory, the space and what every trial shares."""
     check_args(args)
     search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     if args.resume and not (search_dir / "tuner.pkl").exists():
@@ -158,25 +159,26 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
     space = load_space(args.space)
-    check_space(space, base_overrides(args, search_dir.name))
+    base = base_overrides(args, search_dir.name)
+    check_space(space, base)
     start_ray(args)
-    return search_dir, space
+    return search_dir, space, base
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        search_dir, space = prepare(args)
+        search_dir, space, base = prepare(args)
     except SearchError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    name, base = search_dir.name, base_overrides(args, search_dir.name)
+    name = search_dir.name
     search_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         shutil.copy(args.space, search_dir / "space.yaml")
     print(f"search {name}: {args.num_samples} samples x {args.max_epochs} epochs, ASHA grace {args.grace_period}; "
           f"ranking on {args.val_size} validation images; results in {search_dir}", flush=True)
-    grid = make_tuner(args, space, search_dir, name).fit()
+    grid = make_tuner(args, space, base, search_dir).fit()
     rows = trial_rows(grid, args.max_epochs, base)
     print(write_table(rows, search_dir / "results.csv"))
     found = write_best(grid, base, search_dir)

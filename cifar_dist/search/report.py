@@ -59,12 +59,11 @@ def retrain_config(cfg: Config) -> Config:
 
 def write_best(grid: Any, base: dict[str, Any], search_dir: Path) -> tuple[Path, str] | None:
     """best.yaml, and the best trial's id (a resumed search may crown another trial)."""
-    try:
-        best = grid.get_best_result(metric="val_acc", mode="max", scope="last")
-    except RuntimeError:  # no trial reported a validation accuracy
+    # Not grid.get_best_result: it ranks a trial that reported and then crashed too.
+    ok = [r for r in grid if not r.error and (r.metrics or {}).get("val_acc") is not None]
+    if not ok:
         return None
-    if best.error or (best.metrics or {}).get("val_acc") is None:
-        return None
+    best = max(ok, key=lambda r: r.metrics["val_acc"])
     path = search_dir / "best.yaml"
     save_yaml(retrain_config(trial_config(dict(best.config), base)), path)
     return path, str(best.metrics.get("trial_id") or Path(best.path or "best").name)
