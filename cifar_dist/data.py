@@ -14,8 +14,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torchvision
-from torchvision.datasets.utils import check_integrity
 
 from cifar_dist.config import Config
 
@@ -69,33 +67,40 @@ def read_bin(path: Path, records: int | None = PER_FILE) -> Split:
     return _split(raw[:, 1:], raw[:, 0], path)
 
 
-class _TorchvisionCIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's reader of the python layout, with our checks in place of its integrity check: each
-    file present, and the official files' MD5s (torchvision's own list) so a bad file is named; files
-    of another size (made by tests, or cut down by hand) are checked by their record count instead."""
+@functools.cache
+def _torchvision_reader() -> type:
+    """torchvision's CIFAR10 reader of the python layout, imported when first needed (torchvision takes
+    ~1.5 s to import; runs on the binary layout never need it). Our checks replace its integrity check:
+    each file present, and the official files' MD5s (torchvision's own list), so a bad file is named;
+    files of another size (made by tests, or cut down by hand) are checked by their record count."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
 
-    def __init__(self, folder: Path, train: bool, records: int | None):
-        self.folder, self.records, self.base_folder = folder, records, folder.name
-        super().__init__(str(folder.parent), train=train)
+    class Reader(CIFAR10):
+        def __init__(self, folder: Path, train: bool, records: int | None):
+            self.folder, self.records, self.base_folder = folder, records, folder.name
+            super().__init__(str(folder.parent), train=train)
 
-    def _check_integrity(self) -> bool:
-        for name, md5 in self.train_list if self.train else self.test_list:
-            path = self.folder / name
-            if not path.is_file():
-                raise DataError(f"missing CIFAR-10 file {path}")
-            if self.records == PER_FILE and not check_integrity(str(path), md5):
-                raise DataError(f"{path} fails torchvision's MD5 check: truncated or not CIFAR-10")
-        return True
+        def _check_integrity(self) -> bool:
+            for name, md5 in self.train_list if self.train else self.test_list:
+                path = self.folder / name
+                if not path.is_file():
+                    raise DataError(f"missing CIFAR-10 file {path}")
+                if self.records == PER_FILE and not check_integrity(str(path), md5):
+                    raise DataError(f"{path} fails torchvision's MD5 check: truncated or not CIFAR-10")
+            return True
 
-    def _load_meta(self) -> None:
-        self.classes = CLASSES
+        def _load_meta(self) -> None:
+            self.classes = CLASSES
+
+    return Reader
 
 
 def read_py(folder: Path, train: bool, records: int | None = PER_FILE) -> Split:
     """The training (5 files) or test (1 file) batches of the python layout, read by torchvision."""
     files = TRAIN_FILES if train else TEST_FILES
     try:
-        ds = _TorchvisionCIFAR10(folder, train, records)
+        ds = _torchvision_reader()(folder, train, records)
     except DataError:
         raise
     except Exception as e:  # a truncated pickle fails in many ways
@@ -144,6 +149,8 @@ def load_cifar10(root: Path, records: int | None = PER_FILE) -> tuple[Split, Spl
 
 def download(root: Path) -> None:
     """The real download path (torchvision's, the python layout); needs the internet."""
+    import torchvision
+
     root.mkdir(parents=True, exist_ok=True)
     for train in (True, False):
         torchvision.datasets.CIFAR10(str(root), train=train, download=True)

@@ -45,7 +45,7 @@ def export(run: Path, batch: int = 64) -> tuple[float, float]:
     path = run / "model.onnx"
     torch.onnx.export(model, (images[:2],), str(path), dynamo=True, external_data=False,
                       input_names=["images"], output_names=["logits"],
-                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
     onnx.checker.check_model(onnx.load(str(path)))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"images": images.numpy()})[0]

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
-from torchvision.utils import make_grid
 
 from cifar_dist import tracking
 from cifar_dist.model import forward_outputs
@@ -29,6 +28,8 @@ def to_uint8(grid: torch.Tensor) -> np.ndarray:
 def feature_maps(model: torch.nn.Module, images: torch.Tensor, channels: int = 8) -> dict[str, np.ndarray]:
     """For each layer, one grid: a row per input image, its first `channels` maps (each scaled to
     its own min..max, upsampled to 32x32 so deep, small maps stay visible)."""
+    from torchvision.utils import make_grid  # (torchvision takes ~1.5 s to import: only when drawn)
+
     grids = {}
     for name, fmap in forward_outputs(model, dict(layers(model)), images):
         maps = fmap[:, :channels].float()

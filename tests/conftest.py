@@ -12,6 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Two test workers share the two cores: one thread each, in process and in every subprocess (env()).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and the synthetic dataset keep a training run to seconds on 2 CPU cores.
@@ -29,6 +33,7 @@ def env(**extra: str | None) -> dict[str, str]:
 
 
 def run_train(args: list[str], cwd: Path, timeout: int = 240, **extra: str) -> subprocess.CompletedProcess:
+    """`python -m cifar_dist.train`, one thread (env): the other core runs the other test worker."""
     return subprocess.run([sys.executable, "-m", "cifar_dist.train", *args], cwd=cwd, env=env(**extra),
                           capture_output=True, text=True, timeout=timeout)
 

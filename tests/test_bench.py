@@ -15,8 +15,9 @@ pytestmark = pytest.mark.timeout(300)
 
 def bench(module: str, args: list[str], cwd) -> subprocess.CompletedProcess:
     """`python -m bench.<module>`, as the README runs it (the repository on the path, here from elsewhere)."""
-    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=cwd, env=env(PYTHONPATH=str(ROOT)),
-                          capture_output=True, text=True, timeout=280)
+    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=cwd,
+                          env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=280)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_accuracy_bench_reports_seeds_reuses_finished_runs_and_refuses_other_set
     assert other.returncode == 2 and "other lr" in other.stderr and len(other.stderr.strip().splitlines()) == 1
 
 
-def test_throughput_and_time_to_accuracy_print_tables_and_ratios(cifar, tmp_path):
+def test_throughput_prints_and_records_the_ratio_the_presets_and_the_ceiling(cifar, tmp_path):
     r = bench("throughput", ["--data-dir", cifar, "--images", "300", "--rounds", "1", "--presets", "seed2",
                              "--no-compile", "--ceiling-seconds", "0.5", "--results", str(tmp_path / "t.jsonl")],
               tmp_path)
@@ -69,6 +70,9 @@ def test_throughput_and_time_to_accuracy_print_tables_and_ratios(cifar, tmp_path
     assert record["command"].startswith("python -m bench.throughput --data-dir")
     assert set(record["presets"][0]) == {"preset", "fp32", "bf16"}
     assert [row["batch"] for row in record["ceiling"]] == [100, 256] and record["ceiling"][0]["fp32"] > 0
+
+
+def test_time_to_accuracy_reports_when_each_side_first_reached_the_target(cifar, tmp_path):
     # 40 % is four times chance: both loops must really learn the generated classes to get there
     r = bench("time_to_accuracy", ["--data-dir", cifar, "--target", "0.4", "--tutorial-epochs", "3",
                                    "--train-subset", "1000", "--test-subset", "200", "--results",

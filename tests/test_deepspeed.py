@@ -34,7 +34,8 @@ def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp
     r = accelerate_launch([*TINY, "--epochs", "2", "--output-dir", str(ddp)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert summary(ddp)["engine"] == "DistributedDataParallel"
-    for a, b in zip(metrics(out), metrics(ddp)):  # same seed, same data, same optimiser: same losses
+    # same seed, same data, same optimiser: the same losses (2 epochs: ZeRO's reduction order drifts later)
+    for a, b in zip(metrics(out), metrics(ddp)):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import accelerate_launch, metrics, run_train, summary
+from conftest import accelerate_launch, assert_one_line_error, metrics, run_train, summary
 from wandb_history import history
 
 pytestmark = pytest.mark.timeout(300)
@@ -145,6 +145,9 @@ def test_export_of_a_non_run_is_one_line(tmp_path, capsys):
     assert "config.yaml is missing" in capsys.readouterr().err
 
 
-def test_unknown_tracker_is_refused(tmp_path, tiny_args):
-    r = run_train([*tiny_args, "--tracker", "mlflow", "--output-dir", str(tmp_path / "o")], tmp_path)
-    assert r.returncode == 2 and "unknown tracker 'mlflow'" in r.stderr
+def test_unknown_tracker_is_refused(tmp_path, tiny_args, main_in_process):
+    from cifar_dist import train
+
+    code, err = main_in_process(train.main, [*tiny_args, "--tracker", "mlflow", "--output-dir", str(tmp_path / "o")])
+    assert_one_line_error(code, err, "unknown tracker 'mlflow'")
+    assert not (tmp_path / "o").exists()

@@ -1,5 +1,6 @@
 """The real CLI, in subprocesses: outputs, resume after SIGKILL, bad input, divergence."""
 import math
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import torch
 import yaml
 
 from cifar_dist import train
-from conftest import assert_one_line_error, env, metrics, run_train, summary, wait_for_file, write_bin
+from conftest import TINY, assert_one_line_error, env, metrics, run_train, summary, wait_for_file, write_bin
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -47,10 +48,20 @@ def test_bf16_and_keep_last_checkpoints(tmp_path, tiny_args):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0003"]
 
 
-def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, tiny_args):
-    args = [*tiny_args, "--epochs", "5", "--train-subset", "1000"]
-    ref = tmp_path / "ref"
-    assert run_train([*args, "--output-dir", str(ref)], tmp_path).returncode == 0
+# Interrupted runs, resumed, end exactly where this uninterrupted one does (run once for all of them).
+RESUMED = [*TINY, "--epochs", "6", "--log-every", "1", "--widths", "16,32", "--stem-width", "16"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("reference") / "run"
+    r = run_train([*RESUMED, "--output-dir", str(ref)], ref.parent)
+    assert r.returncode == 0, r.stderr
+    return ref
+
+
+def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, reference):
+    args, ref = RESUMED, reference
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -62,7 +73,7 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, tiny_args):
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     rows = metrics(out)
-    assert [m["epoch"] for m in rows] == [1, 2, 3, 4, 5]  # every epoch exactly once
+    assert [m["epoch"] for m in rows] == [1, 2, 3, 4, 5, 6]  # every epoch exactly once
     # the interrupted run ends exactly where the uninterrupted one does
     assert summary(out)["rank_weight_digests"] == summary(ref)["rank_weight_digests"]
     assert rows[-1]["test_acc"] == metrics(ref)[-1]["test_acc"]
@@ -107,59 +118,61 @@ def test_missing_and_truncated_data(tmp_path, main_in_process):
                           "data_batch_1.bin has 9219 bytes")  # $CIFAR10_DIR is the default
 
 
-def test_output_path_that_is_a_file_is_refused_untouched(tmp_path, tiny_args):
+# In this process: refusing, resuming and stopping are about the run directory, not about processes.
+
+def test_output_path_that_is_a_file_is_refused_untouched(tmp_path, tiny_args, main_in_process):
     target = tmp_path / "results.txt"
     target.write_text("precious")
-    r = run_train([*tiny_args, "--output-dir", str(target)], tmp_path)
-    assert_cli_error(r, "is a file")
+    assert_one_line_error(*main_in_process(train.main, [*tiny_args, "--output-dir", str(target)]), "is a file")
     assert target.read_text() == "precious"
     other = tmp_path / "notes"
     other.mkdir()
     (other / "metrics.jsonl").write_text("mine\n")
-    r = run_train([*tiny_args, "--output-dir", str(other)], tmp_path)
-    assert_cli_error(r, "holds no cifar-dist run")
+    assert_one_line_error(*main_in_process(train.main, [*tiny_args, "--output-dir", str(other)]),
+                          "holds no cifar-dist run")
     assert (other / "metrics.jsonl").read_text() == "mine\n"
 
 
-def test_other_architecture_or_dataset_in_a_run_dir_is_refused(tmp_path, tiny_args):
+def test_other_architecture_or_dataset_in_a_run_dir_is_refused(tmp_path, tiny_args, main_in_process):
     out = tmp_path / "run"
-    assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
+    assert main_in_process(train.main, [*tiny_args, "--epochs", "1", "--output-dir", str(out)])[0] == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    r = run_train([*tiny_args, "--widths", "8,32", "--epochs", "2", "--output-dir", str(out)], tmp_path)
-    assert_cli_error(r, "holds a run with another model")
-    r = run_train([*tiny_args, "--dataset", "cifar10", "--epochs", "2", "--output-dir", str(out)], tmp_path)
-    assert_cli_error(r, "another dataset")
+    code, err = main_in_process(train.main, [*tiny_args, "--widths", "8,32", "--epochs", "2", "--output-dir", str(out)])
+    assert_one_line_error(code, err, "holds a run with another model")
+    code, err = main_in_process(train.main, [*tiny_args, "--dataset", "cifar10", "--epochs", "2",
+                                             "--output-dir", str(out)])
+    assert_one_line_error(code, err, "another dataset")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_args):
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_args, main_in_process):
     out = tmp_path / "run"
-    assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
+    assert main_in_process(train.main, [*tiny_args, "--epochs", "1", "--output-dir", str(out)])[0] == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     cfg["model"]["widths"] = [8, 32]  # someone edited the saved config: the checkpoint no longer fits
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    r = run_train(["--config", str(out / "config.yaml"), "--epochs", "2"], tmp_path)
-    assert_cli_error(r, "does not fit this run")
+    code, err = main_in_process(train.main, ["--config", str(out / "config.yaml"), "--epochs", "2"])
+    assert_one_line_error(code, err, "does not fit this run")
     assert (out / "checkpoints" / "epoch-0001").is_dir() and len(metrics(out)) == 1
 
 
-def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_args):
+def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_args, main_in_process):
     out = tmp_path / "run"
-    assert run_train([*tiny_args, "--epochs", "1", "--output-dir", str(out)], tmp_path).returncode == 0
-    r = run_train([*tiny_args, "--epochs", "3", "--lr", "1e30", "--output-dir", str(out)], tmp_path)
+    assert main_in_process(train.main, [*tiny_args, "--epochs", "1", "--output-dir", str(out)])[0] == 0
     # a new lr is not part of the run's identity, so this resumes epoch 1 and then blows up
-    assert r.returncode == 3, r.stderr
-    assert "training loss is nan" in r.stderr.lower() or "training loss is inf" in r.stderr.lower()
-    assert "Traceback" not in r.stderr
+    code, err = main_in_process(train.main, [*tiny_args, "--epochs", "3", "--lr", "1e30", "--output-dir", str(out)])
+    assert code == 3, err
+    assert "training loss is nan" in err.lower() or "training loss is inf" in err.lower()
+    assert "Traceback" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]
     assert [m["epoch"] for m in metrics(out)] == [1]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, tiny_args, sig):
-    args = [*tiny_args, "--epochs", "6", "--log-every", "1", "--widths", "16,32", "--stem-width", "16"]
-    ref = tmp_path / "ref"
-    assert run_train([*args, "--output-dir", str(ref)], tmp_path).returncode == 0
+def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, reference, sig):
+    """A signal mid-epoch (log-every 1: the next step): a mid-epoch checkpoint, and the rerun ends exactly
+    where the uninterrupted run does."""
+    args, ref = RESUMED, reference
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)],
                             cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -9,15 +9,17 @@ import yaml
 
 from conftest import ROOT, assert_one_line_error, env, kill_tree, metrics, run_train, summary
 
-pytestmark = pytest.mark.timeout(420)
+# The searches of this module on one test worker (two at once would halve each one's CPUs).
+pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("tune")]
 SEARCH = str(ROOT / "tune" / "search.py")
 DATA = ["--dataset", "synthetic", "--val-size", "300"]
 TINY = {"stages": 2, "base_width": 8, "blocks_per_stage": 1, "batch_size": 100}
 
 
 def search(args, cwd, timeout=400, **extra):
-    return subprocess.run([sys.executable, SEARCH, *DATA, *args], cwd=cwd, env=env(**extra), capture_output=True,
-                          text=True, timeout=timeout)
+    """The real command. RAY_ADDRESS=local: a Ray of its own, even beside another test's (Ray would join it)."""
+    return subprocess.run([sys.executable, SEARCH, *DATA, *args], cwd=cwd, env=env(RAY_ADDRESS="local", **extra),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def space(tmp_path, tiny=True, **entries):
@@ -58,10 +60,10 @@ def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "s"
     args = ["--space", space(tmp_path, lr={"grid": [0.05, 0.04, 0.03, 0.02]}), "--num-samples", "1",
-            "--max-epochs", "3", "--max-concurrent", "1", "--output-dir", str(out)]
+            "--max-epochs", "2", "--max-concurrent", "1", "--output-dir", str(out)]
     proc = subprocess.Popen([sys.executable, SEARCH, *DATA, *args], cwd=tmp_path,
-                            env=env(TUNE_GLOBAL_CHECKPOINT_S="0"), stdout=open(tmp_path / "first.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            env=env(TUNE_GLOBAL_CHECKPOINT_S="0", RAY_ADDRESS="local"),
+                            stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     done = lambda: [p for p in (out / "trials").glob("*_0000?") if (p / "summary.json").exists()]  # noqa: E731
     while time.time() < deadline and len(done()) < 2:

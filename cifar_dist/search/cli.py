@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--tracker", default="none", help="tracker of every trial (wandb: one run per trial, grouped by search)")
     a("--seed", type=int, default=0, help="seed of the search and of every trial (fixes the validation split)")
     a("--output-dir", type=Path, default=None, help="search directory (default runs/search-<timestamp>)")
-    a("--address", default=os.environ.get("RAY_ADDRESS", ""), help="join this Ray cluster (default $RAY_ADDRESS)")
+    a("--address", default=os.environ.get("RAY_ADDRESS", ""), help="join this Ray cluster (default $RAY_ADDRESS); "
+      "'local': always start a new Ray here, even if one is running")
     a("--resume", action="store_true", help="continue the interrupted search in --output-dir")
     a("--max-failures", type=int, default=1, help="retries of a trial that raises")
     a("--retrain-best", action="store_true", help="train best.yaml on the full training set; report test accuracy")
@@ -88,7 +89,7 @@ def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def check_address(address: str) -> None:
     """Fail in seconds, with one line, instead of waiting on a cluster that is not there."""
-    if not address or address == "auto":
+    if address in ("", "auto", "local"):  # Ray's own words: find one running here / start a new one here
         return
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
