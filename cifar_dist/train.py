@@ -53,7 +53,7 @@ class Run:
     lookahead: Lookahead | None
     state: TrainState
     steps_per_epoch: int
-    precision: str
+    precision: str  # as Accelerate resolved it (DeepSpeed on CPU then turns bf16 into its own autocast)
     size: tuple[int, int]  # parameters and bytes of the model as built (DeepSpeed may cast what it prepares)
     confusion: torch.Tensor | None = None  # of the main split, at its last evaluation
 
