@@ -2,10 +2,10 @@
 # Speed and accuracy on one GPU, as one prepared script (a lent device machine has minutes, not hours):
 #   CIFAR10_DIR=/path/to/cifar10 OUT=/tmp/out bash bench/gpu.sh
 # 1. a 1-epoch warm-up run, not counted (CUDA context, cuDNN autotuning; compilation with COMPILE=1),
-# 2. bench/accuracy.py: `fast` for $SEEDS seeds through `accelerate launch` (time per run = training
+# 2. bench.accuracy: `fast` for $SEEDS seeds through `accelerate launch` (time per run = training
 #    and evaluation seconds, as summary.json's total_seconds),
-# 3. bench/accuracy.py: `best` (airbench96-shaped, 31 epochs) for $BEST_SEEDS seeds (0: skip),
-# 4. bench/throughput.py: the tutorial loop vs ours on seed3, and every preset fp32/bf16.
+# 3. bench.accuracy: `best` (airbench96-shaped, 31 epochs) for $BEST_SEEDS seeds (0: skip),
+# 4. bench.throughput: the tutorial loop vs ours on seed3, and every preset fp32/bf16.
 # Results (JSON lines, per-epoch metrics) land in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu_bench}; mkdir -p "$OUT"; RUNS=${RUNS:-/tmp/gpu_bench_runs}

@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.common import ROOT, append_result, machine
 from cifar_dist.tables import text_table
 from bench.tutorial import run_script
-from cifar_dist.config import PRESETS
+from cifar_dist.recipes import PRESETS
 
 
 def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool, extra: list[str]) -> float:

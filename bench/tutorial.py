@@ -24,7 +24,7 @@ from cifar_dist import data as D
 from cifar_dist.config import resolve
 from cifar_dist.model import build_model
 
-IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+IMAGENET = dict(mean=list(D.IMAGENET_MEAN), std=list(D.IMAGENET_STD))
 
 
 def torchvision_set(split: D.Split, transform) -> torchvision.datasets.CIFAR10:

@@ -85,7 +85,8 @@ class Config:
     eval_batch_size: int = setting(1000, "batch size for evaluation, per process", "machine")
     eval_every: int = setting(1, "evaluate every N epochs (and always after the last)")
     # tracking and pictures
-    tracker: str = setting("none", "none, wandb, tensorboard or wandb,tensorboard (main process only)", "record")
+    tracker: str = setting("none", f"none, or any of {', '.join(tracking.TRACKERS)}, comma-separated (main process "
+                                   "only)", "record")
     run_name: str = setting("", "tracker run name; default: the output directory's name", "record")
     group: str = setting("", "tracker group (a Tune search or a SLURM job groups its runs)", "record")
     feature_maps_every: int = setting(0, "log and save feature maps every N epochs (0: only at the end)", "record")

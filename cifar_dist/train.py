@@ -268,12 +268,12 @@ def check_in(run: Run, loss: torch.Tensor, preemption: Preemption, bar: tqdm, ep
     """Every log_every steps, on every rank alike (one host sync): log the loss, stop on NaN, and say
     whether any rank was signalled, so all ranks stop at the same step."""
     accelerator = run.accelerator
-    stop = torch.tensor(float(preemption.signal is not None), device=accelerator.device)
+    signalled = torch.tensor(float(preemption.signal is not None), device=accelerator.device)
     world = accelerator.num_processes
-    current, stop = (accelerator.reduce(torch.stack([loss.detach().float(), stop]), "sum") / world).tolist()
+    current, signalled = (accelerator.reduce(torch.stack([loss.detach().float(), signalled]), "sum") / world).tolist()
     if not math.isfinite(current):
         raise Diverged(f"training loss is {current} at epoch {epoch + 1}, step {run.state.step}")
-    if stop > 0:
+    if signalled > 0:
         return True
     lr = run.scheduler.get_last_lr()[0]
     bar.set_postfix(loss=f"{current:.3f}", lr=f"{lr:.4g}")

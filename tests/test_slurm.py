@@ -11,7 +11,6 @@ from conftest import TINY_MODEL, ROOT, env, metrics, summary, wait_for_file
 
 # One test worker for the module: its cluster listens on fixed ports.
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("slurm")]
-TINY = TINY_MODEL
 
 
 # --- the launcher against a faked SLURM environment (scontrol answered by a script) -----------------
@@ -118,7 +117,7 @@ def wait_for(cluster, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEO
 def test_sbatch_two_nodes_trains_one_ddp_world(cluster, tmp_path):
     out = tmp_path / "run"
     j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
-               [*TINY, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+               [*TINY_MODEL, "--epochs", "2", "--output-dir", str(out)], tmp_path)
     info = wait_for(cluster, j)
     log = (tmp_path / f"slurm-{j}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -134,7 +133,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_every_epoch_once(cluster
     e, _ = cluster
     out = tmp_path / "run"
     j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
-               [*TINY, "--epochs", "6", "--log-every", "1", "--output-dir", str(out)], tmp_path)
+               [*TINY_MODEL, "--epochs", "6", "--log-every", "1", "--output-dir", str(out)], tmp_path)
     assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=240, poll=0.1)
     # what SLURM does at --signal=B:USR1@<seconds> before the time limit: USR1 to the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", j], env=e, check=True)

@@ -65,7 +65,7 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, reference):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_file(out / "checkpoints" / "epoch-0002", timeout=120)
+    assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "epoch-0002").exists() and not (out / "summary.json").exists()
@@ -176,7 +176,7 @@ def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, ref
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)],
                             cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_file(out / "checkpoints" / "epoch-0002", timeout=120, poll=0.02)
+    assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=120, poll=0.02)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]

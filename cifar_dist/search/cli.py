@@ -18,14 +18,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cifar_dist.data import SYNTHETIC_SIZES, data_root
+from cifar_dist.config import TOP_FIELDS
+from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.backends import BACKENDS, is_deepspeed
 from cifar_dist.search.report import trial_rows, write_best, write_table
 from cifar_dist.search.space import SearchError, check_space, load_space, to_tune
 from cifar_dist.search.trial import run_trial
+from cifar_dist.settings import allowed, describe
 
 PROG = "tune/search.py"
 SPACE = Path(__file__).resolve().parents[2] / "tune" / "space.yaml"
+
+
+def setting_help(name: str) -> str:
+    """The help of a train.py setting the search hands to every trial, as config.py declares it."""
+    return describe(*TOP_FIELDS[name])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,8 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--max-epochs", type=int, default=10, help="epochs of a trial that is never stopped")
     a("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     a("--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/N at each rung")
-    a("--dataset", default="cifar10", help="cifar10 or synthetic")
-    a("--data-dir", default="", help="CIFAR-10 folder (default $CIFAR10_DIR, then ./data)")
+    a("--dataset", default="cifar10", choices=allowed(*TOP_FIELDS["dataset"]), help=setting_help("dataset"))
+    a("--data-dir", default="", help=setting_help("data_dir"))
     a("--train-subset", type=int, default=0, help="train on the first N images (0: all)")
     a("--test-subset", type=int, default=0, help="test images for --retrain-best (0: all)")
     a("--val-size", type=int, default=5000, help="validation images held out of the training set (ranking)")
@@ -47,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--backend", default="ddp", choices=sorted(BACKENDS), help="distribution of a trial: ddp or a DeepSpeed "
       "ZeRO config of the launcher (always Ray Train workers)")
     a("--max-concurrent", type=int, default=0, help="trials at once (0: as many as the resources allow)")
-    a("--mixed-precision", default="", help="no, bf16 or fp16 for every trial")
+    a("--mixed-precision", default="", choices=allowed(*TOP_FIELDS["mixed_precision"]),
+      help=f"every trial: {setting_help('mixed_precision')}")
     a("--tracker", default="none", help="tracker of every trial (wandb: one run per trial, grouped by search)")
     a("--seed", type=int, default=0, help="seed of the search and of every trial (fixes the validation split)")
     a("--output-dir", type=Path, default=None, help="search directory (default runs/search-<timestamp>)")
@@ -62,15 +70,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     for name in ("num_samples", "max_epochs", "grace_period", "workers_per_trial", "max_failures"):
-        if getattr(args, name) < (0 if name == "max_failures" else 1):
-            raise SearchError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        least = 0 if name == "max_failures" else 1
+        if getattr(args, name) < least:
+            raise SearchError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.reduction_factor < 2:
         raise SearchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise SearchError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     if args.val_size <= 0:
         raise SearchError("--val-size must be positive: trials are ranked on the validation split")
-    n_train = SYNTHETIC_SIZES[0] if args.dataset == "synthetic" else 50_000
+    n_train = SYNTHETIC_SIZES[0] if args.dataset == "synthetic" else PER_FILE * len(TRAIN_FILES)
     if args.val_size >= n_train:
         raise SearchError(f"--val-size {args.val_size} leaves no training images: the {args.dataset} training set "
                           f"has {n_train}")
@@ -117,7 +126,7 @@ def start_ray(args: argparse.Namespace) -> None:
         raise SearchError(f"a trial needs {need_cpu:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}")
 
 
-def make_tuner(args: argparse.Namespace, space: dict[str, Any], base: dict[str, Any], search_dir: Path):
+def make_tuner(args: argparse.Namespace, space: dict[str, Any], base: dict[str, Any], search_dir: Path) -> Any:
     """The Tuner (or the restored one): the trial function, its resources, ASHA on validation accuracy."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -186,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         print(f"{PROG}: error: no trial finished an epoch; see {search_dir}/trials", file=sys.stderr)
         return 1
-    best, trial = found
-    print(f"best: {best} (val acc {rows[0]['val_acc']:.2%}); train it with "
+    best, trial, val_acc = found
+    print(f"best: {best} (val acc {val_acc:.2%}); train it with "
           f"`accelerate launch cifar_dist/train.py --config {best}`")
     # per trial: a resumed search that crowns another one retrains that one
     return retrain(best, search_dir / f"best-{trial}", args.test_subset) if args.retrain_best else 0

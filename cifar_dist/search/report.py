@@ -27,7 +27,7 @@ def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any]) -> list[dict[st
                          epochs=epochs, params=parameters(params, base),
                          **{k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in params.items()},
                          error=(str(r.error).strip().splitlines() or [""])[-1][:200] if r.error else ""))
-    return sorted(rows, key=lambda row: (row["val_acc"] is None, -(row["val_acc"] or 0)))
+    return sorted(rows, key=lambda row: (row["status"] == "failed", row["val_acc"] is None, -(row["val_acc"] or 0)))
 
 
 def parameters(params: dict[str, Any], base: dict[str, Any]) -> int | None:
@@ -57,8 +57,8 @@ def retrain_config(cfg: Config) -> Config:
     return cfg
 
 
-def write_best(grid: Any, base: dict[str, Any], search_dir: Path) -> tuple[Path, str] | None:
-    """best.yaml, and the best trial's id (a resumed search may crown another trial)."""
+def write_best(grid: Any, base: dict[str, Any], search_dir: Path) -> tuple[Path, str, float] | None:
+    """best.yaml; the best trial's id (a resumed search may crown another trial) and validation accuracy."""
     # Not grid.get_best_result: it ranks a trial that reported and then crashed too.
     ok = [r for r in grid if not r.error and (r.metrics or {}).get("val_acc") is not None]
     if not ok:
@@ -66,4 +66,4 @@ def write_best(grid: Any, base: dict[str, Any], search_dir: Path) -> tuple[Path,
     best = max(ok, key=lambda r: r.metrics["val_acc"])
     path = search_dir / "best.yaml"
     save_yaml(retrain_config(trial_config(dict(best.config), base)), path)
-    return path, str(best.metrics.get("trial_id") or Path(best.path or "best").name)
+    return path, str(best.metrics.get("trial_id") or Path(best.path or "best").name), best.metrics["val_acc"]
