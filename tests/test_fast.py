@@ -133,8 +133,9 @@ def test_schedule_and_parameter_groups_of_the_fast_recipe():
 
 def test_fast_run_evaluates_the_ema_weights_freezes_the_stem_and_counts_flops(tmp_path):
     out = tmp_path / "run"
-    args = ["--preset", "fast", "--dataset", "synthetic", "--train-subset", "1000", "--epochs", "3", "--batch-size",
-            "100", "--whiten-bias-epochs", "1", "--eval-every", "2", "--keep-checkpoints", "3", "--output-dir", str(out)]
+    args = ["--preset", "fast", "--dataset", "synthetic", "--train-subset", "1000", "--test-subset", "200", "--epochs",
+            "3", "--batch-size", "100", "--whiten-bias-epochs", "1", "--eval-every", "2", "--keep-checkpoints", "3",
+            "--output-dir", str(out)]
     r = run_train(args, tmp_path)
     assert r.returncode == 0, r.stderr
     rows = metrics(out)
@@ -143,7 +144,7 @@ def test_fast_run_evaluates_the_ema_weights_freezes_the_stem_and_counts_flops(tm
     assert s["test_acc"] > 0.5 and s["best_test_acc"] == max(rows[1]["test_acc"], rows[2]["test_acc"])
     forward, training = FL.per_image(resolve(["--preset", "fast"]).model)
     assert s["train_flops"] == training * 3 * (1000 // 100) * 100 and s["flops_per_image_forward"] == forward
-    assert s["eval_flops"] == forward * 6 * 500 * 2
+    assert s["eval_flops"] == forward * 6 * 200 * 2
     ckpt = {e: out / "checkpoints" / f"epoch-000{e}" for e in (1, 2, 3)}
     weights = {e: load_file(ckpt[e] / "model.safetensors") for e in ckpt}
     final = torch.load(out / "model.pt")
