@@ -2,7 +2,8 @@
 
 Reads the official binary layout (`cifar-10-batches-bin/`, our reader: torchvision has none) or the
 python layout (`cifar-10-batches-py/`, torchvision's `CIFAR10`), validating every file; or generates a
-small synthetic set with a learnable class signal. No per-image PIL work: crops and flips are done on whole batches, on the device.
+small synthetic set with a learnable class signal. No per-image PIL work: crops and flips are done on
+whole batches, on the device.
 """
 from __future__ import annotations
 

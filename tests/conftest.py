@@ -92,27 +92,29 @@ def make_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
 
 
-def learnable_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each class a fixed smooth colour pattern plus noise (as --dataset synthetic): a net learns it."""
-    templates = np.repeat(np.repeat(np.random.default_rng(1234).normal(size=(10, 3, 4, 4)), 8, 2), 8, 3)
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = 128 + 50 * templates[labels] + 40 * rng.normal(size=(n, 3, 32, 32))
-    return images.clip(0, 255).astype(np.uint8), labels.astype(np.uint8)
+def learnable_splits(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """--dataset synthetic's generator (one smooth colour pattern per class, plus noise), as five training
+    files and a test file of n images each: a net learns them, so an accuracy above chance is reachable."""
+    from cifar_dist.data import synthetic
+
+    train, test, _ = synthetic(5 * n, n)
+    return [(s.images.numpy(), s.labels.numpy().astype(np.uint8))
+            for s in (*(train.take(torch.arange(i * n, (i + 1) * n)) for i in range(5)), test)]
 
 
 def write_bin(folder: Path, n: int = 20, learnable: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The official binary layout, n records per file: label byte + R, G, B planes. Random pixels and
-    labels, or (learnable) images whose class can be learned."""
+    labels, or (learnable) --dataset synthetic's images."""
+    from cifar_dist.data import CLASSES
+
     folder.mkdir(parents=True)
     written = {}
-    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
-        images, labels = (learnable_images if learnable else make_images)(n, i)
+    splits = learnable_splits(n) if learnable else [make_images(n, i) for i in range(6)]
+    for name, (images, labels) in zip([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"], splits):
         rec = np.concatenate([labels[:, None], images.reshape(n, -1)], axis=1)
         (folder / f"{name}.bin").write_bytes(rec.tobytes())
         written[name] = (images, labels)
-    (folder / "batches.meta.txt").write_text("\n".join(
-        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]) + "\n")
+    (folder / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n")
     return written
 
 
