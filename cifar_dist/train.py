@@ -53,7 +53,9 @@ class Run:
     lookahead: Lookahead | None
     state: TrainState
     steps_per_epoch: int
-    precision: str  # as Accelerate resolved it (DeepSpeed on CPU then turns bf16 into its own autocast)
+    # this machine's CPU threads and precision (cifar_dist.machine): mixed_precision is the one the run
+    # trains in (DeepSpeed on CPU then turns bf16 into its own autocast setting), precision_probe what decided it
+    choices: dict[str, Any]
     size: tuple[int, int]  # parameters and bytes of the model as built (DeepSpeed may cast what it prepares)
     confusion: torch.Tensor | None = None  # of the main split, at its last evaluation
 
@@ -78,7 +80,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop: the CLI,
     Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch."""
     trackers = tracking.parse(cfg.tracker)
-    accelerator = make_accelerator(cfg, trackers, deepspeed_plugin)
+    accelerator, choices = make_accelerator(cfg, trackers, deepspeed_plugin)
     preemption, failed = None, True
     try:  # one teardown for every way out: the end, a preemption stop, an error
         out = output_dir(cfg, accelerator)
@@ -86,7 +88,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
             acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
             say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
         else:
-            run = setup(cfg, accelerator, out, trackers)
+            run = setup(cfg, accelerator, out, trackers, choices)
             start_records(run)
             preemption = Preemption()  # from here on a signal stops training at a step, with a checkpoint
             done = run_epochs(run, preemption, on_epoch)
@@ -124,7 +126,7 @@ def teardown(accelerator: Accelerator, preemption: Preemption | None, failed: bo
 
 # --- set-up ----------------------------------------------------------------------------------------
 
-def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str]) -> Run:
+def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str], choices: dict[str, Any]) -> Run:
     """The run directory, the data on the device, the model and its optimisation, and a resume from
     the latest checkpoint when there is one."""
     accelerator.wait_for_everyone()
@@ -133,7 +135,6 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str])
     set_seed(cfg.seed)
     data, train_set, evals = load_splits(cfg, accelerator)
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
-    precision = accelerator.mixed_precision  # as asked: DeepSpeed on CPU turns bf16 into its own autocast setting
     model, optimizer, size = build(cfg, accelerator, train_set, norm)
     steps_per_epoch = len(train_set) // cfg.batch_size
     scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
@@ -144,7 +145,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str])
         lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs)
         accelerator.register_for_checkpointing(lookahead)
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
-              state, steps_per_epoch, precision, size)
+              state, steps_per_epoch, choices, size)
     if ckpts := checkpoints(out):
         resume(accelerator, ckpts[-1], optimizer, scheduler)
         say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
@@ -178,6 +179,9 @@ def build(cfg: Config, accelerator: Accelerator, train_set: D.Split,
     if cfg.lookahead and deepspeed:
         raise ConfigError("--lookahead does not work under DeepSpeed (ZeRO keeps its own copy of the weights); "
                           "use --no-lookahead or the ddp backend")
+    if cfg.optimizer == "muon" and deepspeed:
+        raise ConfigError("--optimizer muon does not work under DeepSpeed (ZeRO hands the optimizer flat shards, "
+                          "Muon needs whole filter banks); use the ddp backend")
     model = build_model(cfg.model)
     if cfg.model.stem == "whiten":  # from the first 5000 training images, the same on every rank
         model.init_whitening(norm(train_set.images[:5000]).cpu())
@@ -209,8 +213,25 @@ def start_records(run: Run) -> None:
     pictures.publish(accelerator, run.trackers, {"samples": grid}, out, run.state.step)
     say(accelerator, f"{cfg.preset}: {run.size[0]:,} parameters, {run.size[1] / 2**20:.2f} MB; "
                      f"{len(run.train_set):,} train / {len(run.evals[run.main]):,} {run.main} images; "
-                     f"{accelerator.num_processes} process(es) on {accelerator.device.type}, mixed precision "
-                     f"{accelerator.mixed_precision}; output {out}")
+                     f"{accelerator.num_processes} process(es) on {accelerator.device.type}{threads(run)}; "
+                     f"output {out}")
+    say(accelerator, precision_line(run))
+
+
+def threads(run: Run) -> str:
+    n, why = run.choices["cpu_threads"], run.choices.get("cpu_threads_from")
+    return f" with {n} thread(s) each ({why})" if n else ""
+
+
+def precision_line(run: Run) -> str:
+    """The precision and why: what was asked, and the probe's measured bf16 speed-up where one ran."""
+    c = run.choices
+    line = f"precision: {c['mixed_precision']}" + (f" (asked {c['mixed_precision_asked']})"
+                                                        if c["mixed_precision_asked"] != c["mixed_precision"] else "")
+    if probe := c["precision_probe"]:
+        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {probe['batch']}, "
+                 f"{'cached' if probe['cached'] else 'measured now'})")
+    return line
 
 
 # --- an epoch --------------------------------------------------------------------------------------
@@ -365,7 +386,8 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
         summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in history if f"{name}_acc" in m)
     summary.update(flops.run_flops(cfg, len(run.train_set), sum(len(s) for s in run.evals.values())))
     summary.update(epochs_completed=run.state.epoch, params=run.size[0], model_bytes=run.size[1],
-                   world_size=accelerator.num_processes, mixed_precision=run.precision,
+                   world_size=accelerator.num_processes, mixed_precision=run.choices["mixed_precision"],
+                   precision_probe=run.choices["precision_probe"], cpu_threads=run.choices["cpu_threads"],
                    device=accelerator.device.type, total_seconds=run.state.seconds,
                    distributed_type=str(accelerator.distributed_type), engine=type(run.model).__name__,
                    rank_weight_digests=digests, **{f"per_class_{run.main}_acc": per_class},

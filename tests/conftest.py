@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,14 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-# Two test workers share the two cores: one thread each, in process and in every subprocess (env()).
+# Two test workers share the two cores: one thread each, in process and in every subprocess (env()); a
+# run takes an OMP_NUM_THREADS the user set as their choice (cifar_dist.machine.cpu_threads).
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+# The precision probe's cache (cifar_dist.machine) of this test session, not the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cifar-dist-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and the synthetic dataset keep a training run to seconds on 2 CPU cores.
 TINY_MODEL = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16", "--blocks", "1,1",
               "--strides", "1,2", "--head", "gap", "--batch-size", "100"]
-TINY = [*TINY_MODEL, "--lr", "0.05", "--log-every", "5"]
+# fp32, whatever this CPU's bf16 speed: a test's result does not depend on the machine's precision probe
+TINY = [*TINY_MODEL, "--lr", "0.05", "--log-every", "5", "--mixed-precision", "no"]
 
 
 def env(**extra: str | None) -> dict[str, str]:

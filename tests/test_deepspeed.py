@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY_MODEL, ROOT, accelerate_launch, env, free_port, kill_tree, metrics, summary, wait_for_file
 
 pytestmark = pytest.mark.timeout(400)
+FP32 = [*TINY_MODEL, "--mixed-precision", "no"]  # the launcher's configs leave the precision to train.py (auto)
 
 
 def ds_cmd(config: str, args: list[str]) -> list[str]:
@@ -22,7 +23,7 @@ def deepspeed_run(args, cwd, config="deepspeed-zero2.yaml", timeout=300):
 
 def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp(tmp_path):
     out = tmp_path / "ds"
-    r = deepspeed_run([*TINY_MODEL, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    r = deepspeed_run([*FP32, "--epochs", "2", "--output-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(out)
     assert s["world_size"] == 2 and s["engine"] == "DeepSpeedEngine" and s["distributed_type"].endswith("DEEPSPEED")
@@ -30,7 +31,7 @@ def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp
     optim = sorted(p.name for p in (out / "checkpoints" / "epoch-0002").rglob("*optim_states.pt"))
     assert len(optim) == 2 and "zero_pp_rank_0" in optim[0] and "zero_pp_rank_1" in optim[1]  # ZeRO-partitioned
     ddp = tmp_path / "ddp"
-    r = accelerate_launch([*TINY_MODEL, "--epochs", "2", "--output-dir", str(ddp)], tmp_path)
+    r = accelerate_launch([*FP32, "--epochs", "2", "--output-dir", str(ddp)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert summary(ddp)["engine"] == "DistributedDataParallel"
     # same seed, same data, same optimiser: the same losses (2 epochs: ZeRO's reduction order drifts later)
@@ -39,7 +40,7 @@ def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp
 
 
 def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(tmp_path):
-    args = [*TINY_MODEL, "--epochs", "5", "--output-dir"]
+    args = [*FP32, "--epochs", "5", "--output-dir"]
     ref = tmp_path / "ref"
     assert deepspeed_run([*args, str(ref)], tmp_path).returncode == 0
     out = tmp_path / "run"
@@ -58,14 +59,14 @@ def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(tmp_path):
 def test_zero1_offload_and_bf16_autocast_on_cpu(tmp_path):
     for config, extra in (("deepspeed-zero1.yaml", []), ("deepspeed-zero2-offload.yaml", ["--mixed-precision", "bf16"])):
         out = tmp_path / config
-        r = deepspeed_run([*TINY_MODEL, "--epochs", "1", "--output-dir", str(out), *extra], tmp_path, config=config)
+        r = deepspeed_run([*FP32, "--epochs", "1", "--output-dir", str(out), *extra], tmp_path, config=config)
         assert r.returncode == 0, r.stderr[-3000:]
         assert summary(out)["engine"] == "DeepSpeedEngine"
     assert summary(tmp_path / "deepspeed-zero2-offload.yaml")["mixed_precision"] == "bf16"
 
 
 def test_incompatible_accumulation_is_one_line(tmp_path):
-    r = deepspeed_run([*TINY_MODEL, "--grad-accum", "2", "--output-dir", str(tmp_path / "o")], tmp_path)
+    r = deepspeed_run([*FP32, "--grad-accum", "2", "--output-dir", str(tmp_path / "o")], tmp_path)
     assert r.returncode != 0
     assert "the DeepSpeed config has gradient_accumulation_steps 1 but --grad-accum is 2" in r.stderr
 
@@ -77,7 +78,7 @@ def test_deepspeed_missing_is_one_line(monkeypatch, capsys, tmp_path):
     assert real(("deepspeed", "transformers")) == []  # installed here: the patch below is what makes it missing
     monkeypatch.setattr(distributed, "missing_modules", lambda names: [n for n in names if n == "deepspeed"])
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    assert train.main([*TINY_MODEL, "--output-dir", str(tmp_path / "o")]) == 2
+    assert train.main([*FP32, "--output-dir", str(tmp_path / "o")]) == 2
     assert "DeepSpeed was asked for but deepspeed is not installed" in capsys.readouterr().err
 
 

@@ -47,6 +47,9 @@ def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["lr"] == 0.05 and best["val_size"] == 0 and best["eval_test"] is True
     assert best["model"]["widths"] == [8, 16]
+    assert best["cpu_threads"] == 0  # a retrain computes with the machine it runs on, not a trial's share
+    completed = [t for t in (out / "trials").glob("*_0000?") if (t / "summary.json").exists()]
+    assert completed and all(summary(t)["cpu_threads"] == 1 for t in completed)  # the one CPU Ray reserved
     for trial in (out / "trials").glob("*_0000?"):
         assert all("test_acc" not in m for m in metrics(trial))  # trials never look at the test set
         assert all("val_acc" in m for m in metrics(trial))

@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--backend", default="ddp", choices=sorted(BACKENDS), help="distribution of a trial: ddp or a DeepSpeed "
       "ZeRO config of the launcher (always Ray Train workers)")
     a("--max-concurrent", type=int, default=0, help="trials at once (0: as many as the resources allow)")
-    a("--mixed-precision", default="", choices=allowed(*TOP_FIELDS["mixed_precision"]),
+    a("--mixed-precision", default="auto", choices=allowed(*TOP_FIELDS["mixed_precision"]),
       help=f"every trial: {setting_help('mixed_precision')}")
     a("--tracker", default="none", help="tracker of every trial (wandb: one run per trial, grouped by search)")
     a("--seed", type=int, default=0, help="seed of the search and of every trial (fixes the validation split)")
@@ -93,7 +93,8 @@ def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
     data_dir = str(data_root(args.data_dir).resolve()) if args.dataset == "cifar10" else args.data_dir
     return dict(dataset=args.dataset, data_dir=data_dir, train_subset=args.train_subset, val_size=args.val_size,
                 eval_test=False, eval_every=1, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
-                mixed_precision=args.mixed_precision, tracker=args.tracker, group=name)
+                mixed_precision=args.mixed_precision, tracker=args.tracker, group=name,
+                cpu_threads=max(1, int(args.cpus_per_trial)))  # the CPUs Ray reserved for each process
 
 
 def check_address(address: str) -> None:

@@ -53,6 +53,7 @@ def retrain_config(cfg: Config) -> Config:
     defaults = Config()
     for name in with_role(Config, "record"):
         setattr(cfg, name, getattr(defaults, name))
+    cfg.cpu_threads = defaults.cpu_threads  # a trial's was its share of Ray's CPUs
     cfg.val_size, cfg.eval_test = 0, True
     return cfg
 

@@ -1,0 +1,211 @@
+"""What the machine at hand gives a run: its CPU threads, and the precision that trains fastest here.
+
+Two traps this module exists for. `accelerate launch` without a GPU sets OMP_NUM_THREADS=1 when the user
+set no thread count, so a run used one core of many. And bf16 on a CPU is fast or slow depending on the
+CPU (native AVX512-BF16/AMX, or emulated on AVX2: ~10x slower), which no flag can know in advance: a
+short probe of the run's own training step measures it, once per machine and model (cached).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_dist.config import Config
+from cifar_dist.model import build_model
+
+# bf16 trains when the probe measures its step at least this much faster than fp32; below, the noise of
+# a few timed steps could pick either, and fp32 is the precision nothing can go wrong with.
+BF16_MIN_SPEEDUP = 1.1
+# An explicit bf16 on a CPU where its step is at least this many times slower than fp32 is warned about.
+BF16_WARN_SLOWDOWN = 2.0
+# The probe's batch: the run's per-process batch, at most this many images (an emulated bf16 step of 1,024
+# `fast` images takes over a minute; the ratio of the two precisions is what is measured, not the step).
+PROBE_MAX_BATCH = 256
+PROBE_STEPS = 2  # timed steps of each precision, after one untimed step
+
+
+# --- who launched us, and what they said ------------------------------------------------------------
+
+def accelerate_launch() -> tuple[list[str], dict[str, str]] | None:
+    """The command line and starting environment of the `accelerate launch` process this one runs under
+    (the nearest such ancestor, read from /proc), or None (not launched by it, or not Linux). Accelerate
+    puts its defaults into our environment; its own environment says what the user set."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if _is_accelerate_launch(argv):
+                pairs = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                return argv, dict(p.split("=", 1) for p in pairs if "=" in p)
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid <= 1:
+            return None
+    return None
+
+
+def _is_accelerate_launch(argv: list[str]) -> bool:
+    """`accelerate launch ...` (the console script, run by its python) or `python -m accelerate.commands.launch`."""
+    for i, a in enumerate(argv[:3]):
+        if a == "accelerate.commands.launch":
+            return True
+        if (a.endswith("/accelerate") or a == "accelerate" or a == "accelerate.commands.accelerate_cli") \
+                and argv[i + 1:i + 2] == ["launch"]:
+            return True
+    return False
+
+
+def _has_flag(argv: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in argv for n in names)
+
+
+def _launch_config_sets(argv: list[str], key: str) -> bool:
+    """Whether the accelerate config file the launch read (--config_file, else accelerate's default file)
+    sets `key`."""
+    from accelerate.commands.config import default_config_file
+    path = default_config_file
+    for i, a in enumerate(argv):
+        if a in ("--config_file", "--config-file") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith(("--config_file=", "--config-file=")):
+            path = a.split("=", 1)[1]
+    try:
+        import yaml
+        return (yaml.safe_load(Path(path).read_text()) or {}).get(key) is not None
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def launch_precision() -> str | None:
+    """The mixed precision `accelerate launch` was explicitly given (its flag or its config file), or None
+    when its ACCELERATE_MIXED_PRECISION is only its default ('no')."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if value is None:
+        return None
+    launch = accelerate_launch()
+    if launch is None:  # cannot tell: a value other than its default must have been asked for
+        return None if value == "no" else value
+    argv = launch[0]
+    explicit = _has_flag(argv, "--mixed_precision", "--mixed-precision") or _launch_config_sets(argv, "mixed_precision")
+    return value if explicit else None
+
+
+# --- CPU threads ------------------------------------------------------------------------------------
+
+def cpu_threads(cfg: Config) -> tuple[int, str]:
+    """How many threads this process computes with on a CPU, and why: --cpu-threads; else a count the user
+    gave (OMP_NUM_THREADS, or accelerate launch --num_cpu_threads_per_process); else the cores this process
+    may use (its affinity: a SLURM allocation, taskset) divided by the processes on this machine."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads, "--cpu-threads"
+    launch = accelerate_launch()
+    if launch is not None:
+        argv, launch_env = launch
+        if _has_flag(argv, "--num_cpu_threads_per_process", "--num-cpu-threads-per-process"):
+            return int(os.environ["OMP_NUM_THREADS"]), "accelerate launch --num_cpu_threads_per_process"
+        user_omp = launch_env.get("OMP_NUM_THREADS", "")
+    else:
+        user_omp = os.environ.get("OMP_NUM_THREADS", "")
+    if user_omp.strip().isdigit() and int(user_omp) > 0:
+        return int(user_omp), "OMP_NUM_THREADS"
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_world), f"auto: {cores} cores / {local_world} process(es)"
+
+
+# --- precision --------------------------------------------------------------------------------------
+
+def choose_precision(asked: str, device: str, gpu_bf16: bool, speedup: float | None) -> tuple[str, str]:
+    """The precision to train in and a warning ('' for none). `speedup` is the probe's fp32 step time over
+    bf16's on this CPU (> 1: bf16 is faster). On a GPU, auto is bf16 where the GPU has it, else fp16 with
+    Accelerate's gradient scaler: the GPUs without bf16 (V100, T4) have fast fp16 tensor cores."""
+    if asked != "auto":
+        if asked == "bf16" and device == "cpu" and speedup is not None and speedup <= 1 / BF16_WARN_SLOWDOWN:
+            return asked, (f"warning: bf16 trains {1 / speedup:.1f}x slower than fp32 on this CPU (no native bf16); "
+                           "--mixed-precision auto would choose fp32")
+        return asked, ""
+    if device == "cuda":
+        return ("bf16" if gpu_bf16 else "fp16"), ""
+    if device == "cpu" and speedup is not None and speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", ""
+    return "no", ""
+
+
+def probe_batch(cfg: Config, processes: int) -> int:
+    return max(1, min(PROBE_MAX_BATCH, cfg.batch_size // (processes * cfg.grad_accum)))
+
+
+def probe_key(cfg: Config, batch: int) -> str:
+    """What the probe's answer depends on: this CPU, this torch, the threads, the model and its batch."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+               platform.processor())
+    spec = hashlib.sha256(json.dumps(cfg.model.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return (f"{cpu}|torch {torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|"
+            f"{torch.get_num_threads()} threads|batch {batch}|channels_last {cfg.channels_last}|model {spec}")
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar-dist" / "precision-probe.json"
+
+
+def measure(cfg: Config, batch: int) -> dict[str, float]:
+    """Seconds per training step (forward, backward, SGD step) of this model in fp32 and in bf16 autocast
+    (as Accelerate runs bf16 on a CPU), on random images: one untimed step, then up to PROBE_STEPS timed.
+    bf16 stops after one timed step when that was already 4x fp32's (emulated bf16: the answer is plain)."""
+    torch.manual_seed(0)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.model).to(memory_format=memory).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32).to(memory_format=memory)
+    y = torch.randint(0, cfg.model.num_classes, (batch,))
+    seconds: dict[str, float] = {}
+    for name in ("fp32", "bf16"):
+        times = []
+        for i in range(PROBE_STEPS + 1):
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i > 0:  # the first step builds the kernels (oneDNN primitives): untimed
+                times.append(time.perf_counter() - t0)
+            if name == "bf16" and times and times[-1] > 4 * seconds["fp32"]:
+                break
+        seconds[name] = sum(times) / len(times)
+    return dict(fp32_step_s=seconds["fp32"], bf16_step_s=seconds["bf16"], speedup=seconds["fp32"] / seconds["bf16"])
+
+
+def probe(cfg: Config, processes: int) -> dict[str, Any]:
+    """The bf16/fp32 speed of this run's training step on this CPU: from the cache, else measured and cached."""
+    batch = probe_batch(cfg, processes)
+    key, path = probe_key(cfg, batch), cache_path()
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return {**cache[key], "batch": batch, "cached": True}
+    result = measure(cfg, batch)
+    cache[key] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    tmp.replace(path)  # atomic: concurrent runs (Tune trials) each leave a whole file
+    return {**result, "batch": batch, "cached": False}

@@ -1,0 +1,133 @@
+"""What the machine gives a run (cifar_dist.machine): the CPU threads, and the precision `auto` chooses.
+The decisions are tested with given timings; real `accelerate launch` runs show them reach the run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cifar_dist import machine
+from cifar_dist.config import resolve
+from conftest import ROOT, TINY_MODEL, env, free_port, summary
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.parametrize("asked, device, gpu_bf16, speedup, want", [
+    ("auto", "cpu", False, 1.6, "bf16"),  # an AVX512-BF16 EPYC
+    ("auto", "cpu", False, 0.8, "no"),  # a Xeon with AVX512-BF16 but no AMX
+    ("auto", "cpu", False, 0.1, "no"),  # AVX2 only: bf16 emulated
+    ("auto", "cpu", False, 1.05, "no"),  # within a short probe's noise: fp32
+    ("auto", "cuda", True, None, "bf16"),
+    ("auto", "cuda", False, None, "fp16"),  # V100, T4: fp16 with Accelerate's gradient scaler
+    ("no", "cpu", False, 1.6, "no"),
+    ("bf16", "cpu", False, 0.8, "bf16"),  # explicit: kept
+])
+def test_precision_decision(asked, device, gpu_bf16, speedup, want):
+    assert machine.choose_precision(asked, device, gpu_bf16, speedup)[0] == want
+
+
+def test_explicit_bf16_where_it_is_slow_warns_with_the_factor_and_goes_on():
+    precision, warning = machine.choose_precision("bf16", "cpu", False, 0.1)
+    assert precision == "bf16" and "bf16 trains 10.0x slower than fp32" in warning and "\n" not in warning
+    assert machine.choose_precision("bf16", "cpu", False, 0.6)[1] == ""  # 1.7x slower: under the 2x line
+    assert machine.choose_precision("auto", "cpu", False, 0.1)[1] == ""  # auto chose fp32: nothing to warn
+
+
+def test_threads_user_choice_else_cores_per_local_process(monkeypatch):
+    cfg = resolve([])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(machine, "accelerate_launch", lambda: None)
+    assert machine.cpu_threads(cfg) == (4, "auto: 8 cores / 2 process(es)")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user (no launcher in between)
+    assert machine.cpu_threads(cfg) == (3, "OMP_NUM_THREADS")
+    # under accelerate launch, our OMP_NUM_THREADS=1 is its default unless its own environment had one
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(machine, "accelerate_launch", lambda: (["accelerate", "launch", "train.py"], {}))
+    assert machine.cpu_threads(cfg)[0] == 4
+    monkeypatch.setattr(machine, "accelerate_launch", lambda: (["accelerate", "launch"], {"OMP_NUM_THREADS": "1"}))
+    assert machine.cpu_threads(cfg) == (1, "OMP_NUM_THREADS")
+    argv = ["accelerate", "launch", "--num_cpu_threads_per_process", "1", "train.py"]
+    monkeypatch.setattr(machine, "accelerate_launch", lambda: (argv, {}))
+    assert machine.cpu_threads(cfg) == (1, "accelerate launch --num_cpu_threads_per_process")
+    cfg.cpu_threads = 5
+    assert machine.cpu_threads(cfg) == (5, "--cpu-threads")
+
+
+def test_launch_precision_only_when_accelerate_was_told(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    # not the accelerate config file of this machine's user
+    monkeypatch.setattr("accelerate.commands.config.default_config_file", str(tmp_path / "none.yaml"))
+
+    def launched(*argv):
+        monkeypatch.setattr(machine, "accelerate_launch", lambda: (["/bin/accelerate", "launch", *argv], {}))
+
+    launched("train.py")
+    assert machine.launch_precision() is None  # Accelerate's default, not a choice
+    launched("--mixed_precision", "no", "train.py")
+    assert machine.launch_precision() == "no"
+    launched("--mixed_precision=no", "train.py")
+    assert machine.launch_precision() == "no"
+    launched("--config_file", str(ROOT / "launcher" / "ddp.yaml"), "train.py")  # ours leave it to train.py
+    assert machine.launch_precision() is None
+    (tmp_path / "bf16.yaml").write_text("distributed_type: 'NO'\nmixed_precision: bf16\n")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    launched("--config_file", str(tmp_path / "bf16.yaml"), "train.py")
+    assert machine.launch_precision() == "bf16"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert machine.launch_precision() is None  # not launched by accelerate
+
+
+def test_probe_is_measured_once_per_machine_and_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = resolve([*TINY_MODEL])
+    first = machine.probe(cfg, processes=1)
+    assert not first["cached"] and first["batch"] == 100
+    assert first["speedup"] == pytest.approx(first["fp32_step_s"] / first["bf16_step_s"])
+    again = machine.probe(cfg, processes=1)
+    assert again["cached"] and again["speedup"] == first["speedup"]
+    other = machine.probe(cfg, processes=2)  # another per-process batch: another measurement
+    assert not other["cached"] and other["batch"] == 50
+    assert len(json.loads(machine.cache_path().read_text())) == 2
+
+
+def launch(args: list[str], cwd, nproc: int, **extra: str | None) -> subprocess.CompletedProcess:
+    """`accelerate launch` as the README writes it: no precision flag, no thread count."""
+    world = ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *world, "--main_process_port", str(free_port()),
+           str(ROOT / "cifar_dist" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env(ACCELERATE_USE_CPU="1", **extra), capture_output=True, text=True,
+                          timeout=240)
+
+
+def test_accelerate_launch_uses_every_core_and_chooses_the_precision(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    out = tmp_path / "one"
+    r = launch([*TINY_MODEL, "--epochs", "1", "--output-dir", str(out)], tmp_path, 1, OMP_NUM_THREADS=None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(out)
+    assert s["cpu_threads"] == cores and f"with {cores} thread(s) each (auto: {cores} cores" in r.stdout
+    probe = s["precision_probe"]
+    assert probe["batch"] == 100 and probe["speedup"] > 0
+    assert s["mixed_precision"] == machine.choose_precision("auto", "cpu", False, probe["speedup"])[0]
+    assert f"precision: {s['mixed_precision']}" in r.stdout and "fp32's speed on this CPU" in r.stdout
+
+
+def test_two_processes_share_the_cores_and_train_in_the_main_process_precision(tmp_path):
+    out = tmp_path / "two"
+    r = launch([*TINY_MODEL, "--epochs", "1", "--output-dir", str(out)], tmp_path, 2, OMP_NUM_THREADS=None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(out)
+    assert s["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2) and s["world_size"] == 2
+    assert s["precision_probe"]["batch"] == 50  # the per-process batch
+    assert s["rank_weight_digests"][0] == s["rank_weight_digests"][1]  # one precision for both ranks
+
+
+def test_accelerate_launch_is_recognised_as_users_type_it():
+    assert machine._is_accelerate_launch(["/usr/bin/python3", "/venv/bin/accelerate", "launch", "train.py"])
+    assert machine._is_accelerate_launch(["python", "-m", "accelerate.commands.launch", "--num_processes", "2"])
+    assert not machine._is_accelerate_launch(["python", "/venv/bin/accelerate", "config"])
+    assert not machine._is_accelerate_launch(["python", "-m", "cifar_dist.train", "launch"])
