@@ -25,7 +25,8 @@ def machine() -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         model = names[0] if names else model
-    return f"{model}, {len(os.sched_getaffinity(0))} cores (CPU only), torch {torch.__version__}"
+    return (f"{model}, {len(os.sched_getaffinity(0))} cores (CPU only, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
 
 
 def command() -> str:

@@ -1,5 +1,7 @@
 """Training images/s: the tutorial's loop (bench/tutorial.py) against ours (cifar_dist/train.py) on
 the same `seed3` network and machine, interleaved round by round so both see the same machine state;
+ours both as `python -m cifar_dist.train` and as the README's `accelerate launch cifar_dist/train.py`
+(no thread count, no precision flag: what a user types), in fp32 and in the precision `auto` chooses;
 then our loop for every preset, fp32 vs bf16, eager vs torch.compile; then the ceiling: `seed3`'s
 forward + backward + step alone on random tensors (no data, augmentation or metrics), which bounds what
 any eager loop can reach on this machine (compiled kernels can pass it). One line appended to
@@ -25,12 +27,19 @@ from pathlib import Path
 from bench.common import ROOT, append_result, machine
 from cifar_dist.tables import text_table
 from bench.tutorial import run_script
+from cifar_dist.config import resolve
 from cifar_dist.recipes import PRESETS
 
 
-def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool, extra: list[str]) -> float:
+# How our loop is started: as a module, or as the README's main job command.
+LAUNCH = {"python -m": [sys.executable, "-m", "cifar_dist.train"],
+          "accelerate launch": ["accelerate", "launch", "cifar_dist/train.py"]}
+
+
+def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool, extra: list[str],
+         launch: str = "python -m") -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "cifar_dist.train", "--preset", preset, "--data-dir", data_dir,
+        cmd = [*LAUNCH[launch], "--preset", preset, "--data-dir", data_dir,
                "--train-subset", str(images), "--test-subset", "500", "--epochs", "2", "--mixed-precision",
                precision, "--compile" if compiled else "--no-compile", "--output-dir", f"{tmp}/run", *extra]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -46,15 +55,15 @@ def tutorial(data_dir: str, images: int, workers: int) -> float:
     return history[-1]["images_per_second"]
 
 
-def ceiling(preset: str, batch: int, bf16: bool, seconds: float = 10.0) -> float:
-    """Images/s of the model's training step alone: channels-last, SGD, random tensors on the device."""
+def ceiling(preset: str, batch: int, bf16: bool, seconds: float = 10.0, spec=None) -> float:
+    """Images/s of the model's training step alone (the preset's, or `spec`): channels-last, SGD, random
+    tensors on the device."""
     import torch
 
-    from cifar_dist.config import resolve
     from cifar_dist.model import build_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(resolve(["--preset", preset]).model).to(device, memory_format=torch.channels_last)
+    model = build_model(spec or resolve(["--preset", preset]).model).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -101,18 +110,24 @@ def main() -> int:
 
 
 def side_by_side(a: argparse.Namespace) -> tuple[list[dict], float, float]:
-    """The tutorial's loop and ours on seed3, fp32, interleaved round by round; the medians."""
-    pairs = []
+    """The tutorial's loop and ours on seed3, interleaved round by round: ours in fp32 as a module and
+    through accelerate launch, and through accelerate launch with the default precision (auto); the medians."""
+    pairs, cols = [], ["round", "tutorial", "ours", "accelerate launch", "accelerate launch, auto", "ratio"]
     for i in range(a.rounds):
         t = tutorial(a.data_dir, a.images, a.workers)
         o = ours(a.data_dir, a.images, "seed3", "no", False, [])
-        pairs.append(dict(round=i + 1, tutorial=round(t), ours=round(o), ratio=f"{o / t:.2f}x"))
-        print(text_table(pairs[-1:], ["round", "tutorial", "ours", "ratio"]), flush=True)
-    t_med = statistics.median(r["tutorial"] for r in pairs)
-    o_med = statistics.median(r["ours"] for r in pairs)
-    print(f"\nseed3, fp32, {a.images} images per epoch, {machine()}:")
-    print(text_table(pairs, ["round", "tutorial", "ours", "ratio"]))
-    print(f"median: tutorial {t_med:.0f} img/s, ours {o_med:.0f} img/s: {o_med / t_med:.2f}x\n")
+        launched = ours(a.data_dir, a.images, "seed3", "no", False, [], "accelerate launch")
+        auto = ours(a.data_dir, a.images, "seed3", "auto", False, [], "accelerate launch")
+        pairs.append({"round": i + 1, "tutorial": round(t), "ours": round(o), "accelerate launch": round(launched),
+                      "accelerate launch, auto": round(auto), "ratio": f"{o / t:.2f}x"})
+        print(text_table(pairs[-1:], cols), flush=True)
+    med = {c: statistics.median(r[c] for r in pairs) for c in cols[1:-1]}
+    t_med, o_med = med["tutorial"], med["ours"]
+    print(f"\nseed3, {a.images} images per epoch, images/s (fp32 unless 'auto'), {machine()}:")
+    print(text_table(pairs, cols))
+    print(f"median: tutorial {t_med:.0f} img/s, ours {o_med:.0f} img/s ({o_med / t_med:.2f}x); accelerate launch "
+          f"{med['accelerate launch']:.0f} img/s ({med['accelerate launch'] / o_med:.2f}x python -m), with the "
+          f"default precision {med['accelerate launch, auto']:.0f} img/s\n")
     return pairs, t_med, o_med
 
 
@@ -124,7 +139,7 @@ def presets_table(a: argparse.Namespace) -> list[dict]:
         for precision in ("no", "bf16"):
             for compiled in ([False, True] if a.compile else [False]):
                 n = a.images if preset != "resnet18" else max(1024, a.images // 5)  # resnet18 is ~20x the work
-                n = max(n, 3 * (1024 if preset == "fast" else 256))  # at least 3 steps of the recipe's batch
+                n = max(n, 3 * resolve(["--preset", preset]).batch_size)  # at least 3 steps of the recipe's batch
                 ips = ours(a.data_dir, n, preset, precision, compiled, [])
                 row[f"{'fp32' if precision == 'no' else precision}{'+compile' if compiled else ''}"] = round(ips)
                 print(f"  {preset} {precision} compile={compiled}: {ips:.0f} img/s", flush=True)

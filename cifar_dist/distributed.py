@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
+from accelerate.utils import (DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object,
+                               parse_flag_from_env)
 
 from cifar_dist import machine
 from cifar_dist.config import Config, ConfigError
@@ -36,11 +37,12 @@ def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tu
     # CPU; but not under DeepSpeed, which that would silently turn into plain DDP. DeepSpeed on CPU needs
     # gloo named, or it asks for a GPU backend and sees a world of one.
     cpu_world = not cuda and not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = cpu_world or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it (--cpu)
     backend = dict(backend="gloo") if deepspeed and not cuda else {}
-    state = PartialState(cpu=cpu_world, **backend)  # the process group first: the ranks agree on the precision
+    state = PartialState(cpu=cpu, **backend)  # the process group first: the ranks agree on the precision
     choices = machine_choices(cfg, state)
     accelerator = Accelerator(mixed_precision=choices["mixed_precision"], gradient_accumulation_steps=cfg.grad_accum,
-                              log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu_world,
+                              log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu,
                               kwargs_handlers=[InitProcessGroupKwargs(**backend)] if backend else [],
                               deepspeed_plugin=plugin)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -64,7 +66,7 @@ def machine_choices(cfg: Config, state: PartialState) -> dict[str, Any]:
         probe = [machine.probe(cfg, state.num_processes) if state.is_main_process else None]
         choices["precision_probe"] = broadcast_object_list(probe)[0]
     speedup = choices["precision_probe"]["speedup"] if choices["precision_probe"] else None
-    gpu_bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    gpu_bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     choices["mixed_precision"], warning = machine.choose_precision(asked, state.device.type, gpu_bf16, speedup)
     choices["mixed_precision_asked"] = asked
     if warning and state.is_main_process:

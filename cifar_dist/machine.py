@@ -7,6 +7,7 @@ short probe of the run's own training step measures it, once per machine and mod
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -33,17 +34,17 @@ PROBE_STEPS = 2  # timed steps of each precision, after one untimed step
 
 # --- who launched us, and what they said ------------------------------------------------------------
 
-def accelerate_launch() -> tuple[list[str], dict[str, str]] | None:
-    """The command line and starting environment of the `accelerate launch` process this one runs under
-    (the nearest such ancestor, read from /proc), or None (not launched by it, or not Linux). Accelerate
-    puts its defaults into our environment; its own environment says what the user set."""
+def accelerate_launch() -> tuple[argparse.Namespace, dict[str, str]] | None:
+    """The arguments and starting environment of the `accelerate launch` process this one runs under (the
+    nearest such ancestor, read from /proc), or None (not launched by it, or not Linux). Accelerate puts
+    its defaults into our environment; its own command line and environment say what the user set."""
     pid = os.getppid()
     for _ in range(8):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            if _is_accelerate_launch(argv):
+            if (start := launch_start(argv)) is not None:
                 pairs = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
-                return argv, dict(p.split("=", 1) for p in pairs if "=" in p)
+                return launch_args(argv[start:]), dict(p.split("=", 1) for p in pairs if "=" in p)
             stat = Path(f"/proc/{pid}/stat").read_text()
             pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent
         except (OSError, ValueError, IndexError):
@@ -53,34 +54,35 @@ def accelerate_launch() -> tuple[list[str], dict[str, str]] | None:
     return None
 
 
-def _is_accelerate_launch(argv: list[str]) -> bool:
-    """`accelerate launch ...` (the console script, run by its python) or `python -m accelerate.commands.launch`."""
+def launch_start(argv: list[str]) -> int | None:
+    """Where accelerate launch's own arguments start in a command line, or None if it is not one:
+    `accelerate launch ...` (the console script, run by its python), `accelerate-launch ...`, or
+    `python -m accelerate.commands.launch ...`."""
     for i, a in enumerate(argv[:3]):
-        if a == "accelerate.commands.launch":
-            return True
-        if (a.endswith("/accelerate") or a == "accelerate" or a == "accelerate.commands.accelerate_cli") \
+        if a == "accelerate.commands.launch" or a.endswith("accelerate-launch"):
+            return i + 1
+        if (a.endswith("/accelerate") or a in ("accelerate", "accelerate.commands.accelerate_cli")) \
                 and argv[i + 1:i + 2] == ["launch"]:
-            return True
-    return False
+            return i + 2
+    return None
 
 
-def _has_flag(argv: list[str], *names: str) -> bool:
-    return any(a == n or a.startswith(n + "=") for a in argv for n in names)
+def launch_args(args: list[str]) -> argparse.Namespace:
+    """accelerate launch's arguments as its own parser reads them: the flags before the training script are
+    its own (`mixed_precision`, `num_cpu_threads_per_process`, `config_file`: None when not given)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    return launch_command_parser().parse_known_args([a for a in args if a])[0]
 
 
-def _launch_config_sets(argv: list[str], key: str) -> bool:
-    """Whether the accelerate config file the launch read (--config_file, else accelerate's default file)
-    sets `key`."""
+def _config_sets(config_file: str | None, key: str) -> bool:
+    """Whether the accelerate config file the launch read (its --config_file, else accelerate's default
+    file, which `accelerate config` writes with every key) sets `key`."""
     from accelerate.commands.config import default_config_file
-    path = default_config_file
-    for i, a in enumerate(argv):
-        if a in ("--config_file", "--config-file") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif a.startswith(("--config_file=", "--config-file=")):
-            path = a.split("=", 1)[1]
+
     try:
         import yaml
-        return (yaml.safe_load(Path(path).read_text()) or {}).get(key) is not None
+        return (yaml.safe_load(Path(config_file or default_config_file).read_text()) or {}).get(key) is not None
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -94,8 +96,8 @@ def launch_precision() -> str | None:
     launch = accelerate_launch()
     if launch is None:  # cannot tell: a value other than its default must have been asked for
         return None if value == "no" else value
-    argv = launch[0]
-    explicit = _has_flag(argv, "--mixed_precision", "--mixed-precision") or _launch_config_sets(argv, "mixed_precision")
+    args = launch[0]
+    explicit = args.mixed_precision is not None or _config_sets(args.config_file, "mixed_precision")
     return value if explicit else None
 
 
@@ -109,9 +111,9 @@ def cpu_threads(cfg: Config) -> tuple[int, str]:
         return cfg.cpu_threads, "--cpu-threads"
     launch = accelerate_launch()
     if launch is not None:
-        argv, launch_env = launch
-        if _has_flag(argv, "--num_cpu_threads_per_process", "--num-cpu-threads-per-process"):
-            return int(os.environ["OMP_NUM_THREADS"]), "accelerate launch --num_cpu_threads_per_process"
+        args, launch_env = launch
+        if args.num_cpu_threads_per_process:
+            return int(args.num_cpu_threads_per_process), "accelerate launch --num_cpu_threads_per_process"
         user_omp = launch_env.get("OMP_NUM_THREADS", "")
     else:
         user_omp = os.environ.get("OMP_NUM_THREADS", "")
@@ -161,7 +163,9 @@ def _cpuinfo() -> list[str]:
 
 
 def cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cifar-dist" / "precision-probe.json"
+    """$CIFAR_DIST_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache) /cifar-dist."""
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("CIFAR_DIST_CACHE") or user_cache / "cifar-dist") / "precision-probe.json"
 
 
 def measure(cfg: Config, batch: int) -> dict[str, float]:
@@ -204,8 +208,11 @@ def probe(cfg: Config, processes: int) -> dict[str, Any]:
         return {**cache[key], "batch": batch, "cached": True}
     result = measure(cfg, batch)
     cache[key] = result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache, indent=1))
-    tmp.replace(path)  # atomic: concurrent runs (Tune trials) each leave a whole file
+    try:  # atomic: concurrent runs (Tune trials) each leave a whole file (the last one's entries)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+    except OSError:  # a read-only home: the next run measures again
+        pass
     return {**result, "batch": batch, "cached": False}

@@ -43,7 +43,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     if cfg.optimizer == "muon":
         filters = [p for p in model.parameters() if p.requires_grad and kind(p) == "filters"]
         groups.append(dict(params=filters, weight_decay=0.0, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
-                           muon=True, name="filters"))
+                           nesterov=cfg.nesterov and cfg.muon_momentum > 0, muon=True, name="filters"))
         return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=nesterov, foreach=True)
 
@@ -84,7 +84,7 @@ class Muon(torch.optim.Optimizer):
                 buf.mul_(momentum).add_(g)
                 g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
                 if group["muon"]:
-                    p.mul_(len(p) ** 0.5 / p.norm())
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
                     g = orthogonalize(g.reshape(len(g), -1)).view_as(p).to(p.dtype)
                 p.add_(g, alpha=-lr)
 

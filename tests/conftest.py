@@ -19,8 +19,9 @@ import torch
 # run takes an OMP_NUM_THREADS the user set as their choice (cifar_dist.machine.cpu_threads).
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
-# The precision probe's cache (cifar_dist.machine) of this test session, not the user's.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cifar-dist-test-cache-")
+# The precision probe's cache (cifar_dist.machine) of this test session, not the user's. (Not through
+# XDG_CACHE_HOME: torch keeps its compiled extensions there, and DeepSpeed's would be rebuilt for minutes.)
+os.environ["CIFAR_DIST_CACHE"] = tempfile.mkdtemp(prefix="cifar-dist-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and the synthetic dataset keep a training run to seconds on 2 CPU cores.

@@ -72,16 +72,56 @@ def test_throughput_prints_and_records_the_ratio_the_presets_and_the_ceiling(cif
     assert [row["batch"] for row in record["ceiling"]] == [100, 256] and record["ceiling"][0]["fp32"] > 0
 
 
-def test_time_to_accuracy_reports_when_each_side_first_reached_the_target(cifar, tmp_path):
-    # 40 % is four times chance: both loops must really learn the generated classes to get there
-    r = bench("time_to_accuracy", ["--data-dir", cifar, "--target", "0.4", "--tutorial-epochs", "3",
-                                   "--train-subset", "1000", "--test-subset", "200", "--results",
-                                   str(tmp_path / "tta.jsonl"), "--", "--epochs", "3", "--batch-size", "100",
-                                   "--lr", "0.05"], tmp_path)
+def test_time_to_accuracy_reports_when_each_row_first_reached_its_target(cifar, tmp_path):
+    # 40 % is four times chance: every loop must really learn the generated classes to get there
+    small = "--preset seed3 --epochs 3 --batch-size 100 --lr 0.05 --mixed-precision no"
+    r = bench("time_to_accuracy", ["--data-dir", cifar, "--target", "0.4", "--high-target", "0.45",
+                                   "--tutorial-epochs", "3", "--train-subset", "1000", "--test-subset", "200",
+                                   "--rows", "quick,tutorial,94", "--flags", "quick", small, "--flags", "94", small,
+                                   "--ceiling-seconds", "0.5", "--results", str(tmp_path / "tta.jsonl")], tmp_path)
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "tta.jsonl").read_text())
-    runs = record["runs"]
-    assert set(runs) == {"ours", "tutorial"} and "sooner" in r.stdout
-    first = {k: next(m for m in v if m["test_acc"] >= 0.4) for k, v in runs.items()}  # each side reached it
-    assert all(m["test_acc"] < 0.4 for k, v in runs.items() for m in v if m["epoch"] < first[k]["epoch"])
-    assert record["speedup"] == pytest.approx(first["tutorial"]["elapsed"] / first["ours"]["elapsed"], rel=0.01)
+    rows = record["rows"]
+    assert list(rows) == ["quick", "tutorial", "94"] and "sooner than the tutorial's loop" in r.stdout
+    for name, target in (("quick", 0.4), ("tutorial", 0.4), ("94", 0.45)):  # each row reached its own target
+        history = rows[name]["history"]
+        first = next(m for m in history if m.get("test_acc", 0) >= target)
+        assert all(m.get("test_acc", 0) < target for m in history if m["epoch"] < first["epoch"])
+        assert rows[name]["seconds"] == pytest.approx(first["elapsed"])
+    assert record["speedup"]["quick"] == pytest.approx(rows["tutorial"]["seconds"] / rows["quick"]["seconds"], rel=0.01)
+    assert rows["94"]["gflops"] > 0 and rows["94"]["ideal_s"] > 0 and rows["quick"]["precision"] == "no"
+    bad = bench("time_to_accuracy", ["--rows", "quick,fastest"], tmp_path)
+    assert bad.returncode == 2 and "unknown row 'fastest'" in bad.stderr
+
+
+def test_gpu_script_dry_run_writes_airbench_data_and_our_commands(cifar, tmp_path):
+    """bench/gpu.sh and bench.reference without a GPU: what airbench will read, what we will run."""
+    work = tmp_path / "work"
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=280,
+                       env=env(DRY_RUN="1", CIFAR10_DIR=cifar, OUT=str(tmp_path / "out"), WORK=str(work), RUNS="2"))
+    assert r.returncode == 0, r.stderr
+    train = torch.load(work / "94" / "cifar10" / "train.pt")
+    test = torch.load(work / "94" / "cifar10" / "test.pt")
+    assert train["images"].dtype == torch.uint8 and tuple(train["images"].shape) == (50_000, 32, 32, 3)
+    assert tuple(test["images"].shape) == (10_000, 32, 32, 3) and test["labels"].dtype == torch.int64
+    assert len(train["classes"]) == 10 and test["labels"].max() < 10
+    ours = [line for line in r.stdout.splitlines() if line.startswith("accelerate launch")]
+    assert len(ours) == 3 and all("cifar_dist/train.py --preset fast" in c for c in ours)  # warm-up + 2 seeds
+    assert "--epochs 1" in ours[0] and "--seed 0" in ours[1] and "--seed 1" in ours[2]
+    assert "--mixed_precision" not in r.stdout  # our precision is train.py's auto
+    no_gpu = bench("reference", ["--data-dir", cifar], tmp_path)
+    assert no_gpu.returncode == 2 and "airbench needs a CUDA GPU" in no_gpu.stderr
+
+
+def test_airbench_table_is_read_from_its_final_row_with_or_without_its_header():
+    from bench.reference import last_row
+
+    run0 = ("---------------------------------------------------------------------------------\n"
+            "|  run     |  epoch  |  train_loss  |  train_acc  |  val_acc  |  tta_val_acc  |  total_time_seconds  |\n"
+            "---------------------------------------------------------------------------------\n"
+            "|       0  |      0  |      1.3027  |     0.5547  |   0.6258  |               |              0.6417  |\n"
+            "|          |   eval  |      0.5990  |     0.9336  |   0.9392  |       0.9412  |              3.8512  |\n")
+    run1 = "|       1  |      0  |      1.2900  |     0.5600  |   0.6300  |               |              0.6300  |\n" \
+           "|          |   eval  |      0.5900  |     0.9300  |   0.9380  |       0.9399  |              3.8100  |\n"
+    assert last_row(run0) == dict(acc=0.9412, seconds=3.8512)
+    assert last_row(run1) == dict(acc=0.9399, seconds=3.81)  # airbench prints its header on run 0 only

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_fast_preset_is_airbench_shaped():
-    cfg = resolve(["--preset", "fast"])
-    assert cfg.recipe == "fast" and cfg.batch_size == 1024 and cfg.epochs <= 10 and cfg.lookahead
+    cfg = resolve(["--preset", "fast", "--recipe", "fast-sgd"])
+    assert cfg.batch_size == 1024 and cfg.epochs <= 10 and cfg.lookahead
+    assert resolve(["--preset", "fast"]).recipe == "fast" and resolve(["--preset", "fast"]).optimizer == "muon"
     model = build_model(cfg.model)
     assert count_params(model) == 1_972_792
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_971_352  # stem and BN scales fixed
@@ -115,7 +116,7 @@ def test_lookahead_pulls_weights_to_the_ema_and_ends_on_it():
 
 
 def test_schedule_and_parameter_groups_of_the_fast_recipe():
-    cfg = resolve(["--preset", "fast", "--whiten-bias-epochs", "2"])
+    cfg = resolve(["--preset", "fast", "--recipe", "fast-sgd", "--whiten-bias-epochs", "2"])
     f = lr_factor(cfg, 100)
     assert f(0) == pytest.approx(0.2 + 0.8 / 23) and f(22) == pytest.approx(1.0) and f(100) == pytest.approx(0.07)
     model = build_model(cfg.model)
@@ -133,7 +134,7 @@ def test_schedule_and_parameter_groups_of_the_fast_recipe():
 
 def test_fast_run_evaluates_the_ema_weights_freezes_the_stem_and_counts_flops(tmp_path):
     out = tmp_path / "run"
-    args = ["--preset", "fast", "--dataset", "synthetic", "--train-subset", "1000", "--test-subset", "200", "--epochs",
+    args = ["--preset", "fast", "--recipe", "fast-sgd", "--dataset", "synthetic", "--train-subset", "1000", "--test-subset", "200", "--epochs",
             "3", "--batch-size", "100", "--whiten-bias-epochs", "1", "--eval-every", "2", "--keep-checkpoints", "3",
             "--output-dir", str(out)]
     r = run_train(args, tmp_path)

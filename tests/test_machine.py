@@ -44,15 +44,18 @@ def test_threads_user_choice_else_cores_per_local_process(monkeypatch):
     assert machine.cpu_threads(cfg) == (4, "auto: 8 cores / 2 process(es)")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user (no launcher in between)
     assert machine.cpu_threads(cfg) == (3, "OMP_NUM_THREADS")
+
+    def launched(args: list[str], launch_env: dict[str, str]) -> None:
+        monkeypatch.setattr(machine, "accelerate_launch", lambda: (machine.launch_args(args), launch_env))
+
     # under accelerate launch, our OMP_NUM_THREADS=1 is its default unless its own environment had one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setattr(machine, "accelerate_launch", lambda: (["accelerate", "launch", "train.py"], {}))
+    launched(["train.py", "--cpu-threads", "0"], {})
     assert machine.cpu_threads(cfg)[0] == 4
-    monkeypatch.setattr(machine, "accelerate_launch", lambda: (["accelerate", "launch"], {"OMP_NUM_THREADS": "1"}))
+    launched(["train.py"], {"OMP_NUM_THREADS": "1"})
     assert machine.cpu_threads(cfg) == (1, "OMP_NUM_THREADS")
-    argv = ["accelerate", "launch", "--num_cpu_threads_per_process", "1", "train.py"]
-    monkeypatch.setattr(machine, "accelerate_launch", lambda: (argv, {}))
-    assert machine.cpu_threads(cfg) == (1, "accelerate launch --num_cpu_threads_per_process")
+    launched(["--num_cpu_threads_per_process", "3", "train.py"], {})
+    assert machine.cpu_threads(cfg) == (3, "accelerate launch --num_cpu_threads_per_process")
     cfg.cpu_threads = 5
     assert machine.cpu_threads(cfg) == (5, "--cpu-threads")
 
@@ -62,11 +65,13 @@ def test_launch_precision_only_when_accelerate_was_told(monkeypatch, tmp_path):
     # not the accelerate config file of this machine's user
     monkeypatch.setattr("accelerate.commands.config.default_config_file", str(tmp_path / "none.yaml"))
 
-    def launched(*argv):
-        monkeypatch.setattr(machine, "accelerate_launch", lambda: (["/bin/accelerate", "launch", *argv], {}))
+    def launched(*args: str) -> None:
+        monkeypatch.setattr(machine, "accelerate_launch", lambda: (machine.launch_args(list(args)), {}))
 
     launched("train.py")
     assert machine.launch_precision() is None  # Accelerate's default, not a choice
+    launched("train.py", "--mixed-precision", "auto")  # train.py's own flag, not the launch's
+    assert machine.launch_precision() is None
     launched("--mixed_precision", "no", "train.py")
     assert machine.launch_precision() == "no"
     launched("--mixed_precision=no", "train.py")
@@ -82,7 +87,7 @@ def test_launch_precision_only_when_accelerate_was_told(monkeypatch, tmp_path):
 
 
 def test_probe_is_measured_once_per_machine_and_model(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CIFAR_DIST_CACHE", str(tmp_path))
     cfg = resolve([*TINY_MODEL])
     first = machine.probe(cfg, processes=1)
     assert not first["cached"] and first["batch"] == 100
@@ -116,18 +121,19 @@ def test_accelerate_launch_uses_every_core_and_chooses_the_precision(tmp_path):
     assert f"precision: {s['mixed_precision']}" in r.stdout and "fp32's speed on this CPU" in r.stdout
 
 
-def test_two_processes_share_the_cores_and_train_in_the_main_process_precision(tmp_path):
+def test_two_processes_share_the_cores_and_take_the_main_process_probe(tmp_path):
     out = tmp_path / "two"
     r = launch([*TINY_MODEL, "--epochs", "1", "--output-dir", str(out)], tmp_path, 2, OMP_NUM_THREADS=None)
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(out)
     assert s["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2) and s["world_size"] == 2
-    assert s["precision_probe"]["batch"] == 50  # the per-process batch
-    assert s["rank_weight_digests"][0] == s["rank_weight_digests"][1]  # one precision for both ranks
+    assert s["precision_probe"]["batch"] == 50  # the per-process batch, probed once and broadcast
+    assert s["mixed_precision"] == machine.choose_precision("auto", "cpu", False, s["precision_probe"]["speedup"])[0]
 
 
 def test_accelerate_launch_is_recognised_as_users_type_it():
-    assert machine._is_accelerate_launch(["/usr/bin/python3", "/venv/bin/accelerate", "launch", "train.py"])
-    assert machine._is_accelerate_launch(["python", "-m", "accelerate.commands.launch", "--num_processes", "2"])
-    assert not machine._is_accelerate_launch(["python", "/venv/bin/accelerate", "config"])
-    assert not machine._is_accelerate_launch(["python", "-m", "cifar_dist.train", "launch"])
+    assert machine.launch_start(["/usr/bin/python3", "/venv/bin/accelerate", "launch", "train.py"]) == 3
+    assert machine.launch_start(["python", "-m", "accelerate.commands.launch", "--num_processes", "2"]) == 3
+    assert machine.launch_start(["/usr/bin/python3", "/venv/bin/accelerate-launch", "train.py"]) == 2
+    assert machine.launch_start(["python", "/venv/bin/accelerate", "config"]) is None
+    assert machine.launch_start(["python", "-m", "cifar_dist.train", "launch"]) is None
