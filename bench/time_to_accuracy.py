@@ -105,7 +105,7 @@ def bound(args: list[str], precision: str, seconds: float, epochs: int) -> dict:
     return dict(gflops=round(flop_rate / 1e9), ideal_s=max(0.1, round(train_flops / flop_rate, 1)))
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="")
     p.add_argument("--rows", default=",".join(ROWS), help=f"which rows, in order ({', '.join(ROWS)})")
@@ -120,30 +120,43 @@ def main() -> int:
     p.add_argument("--results", default="time_to_accuracy.jsonl",
                    help="file under bench/results/ (or an absolute path)")
     a = p.parse_args()
-    rows = [r for r in a.rows.split(",") if r]
-    if unknown := [r for r in rows + [row for row, _ in a.flags] if r not in ROWS]:
+    a.rows = [r for r in a.rows.split(",") if r]
+    if unknown := [r for r in a.rows + [row for row, _ in a.flags] if r not in ROWS]:
         p.error(f"unknown row {unknown[0]!r}; choose from {', '.join(ROWS)}")
     if "tutorial" in [r for r, _ in a.flags]:
         p.error("the tutorial row runs the tutorial's own loop: it takes no train.py flags")
-    flags = {**{name: args for name, (_, args) in ROWS.items()}, **{r: shlex.split(f) for r, f in a.flags}}
+    return a
+
+
+def run_row(a: argparse.Namespace, name: str, args: list[str] | None) -> tuple[dict, dict]:
+    """One row: its table line and its record (the per-epoch history, the bound for the 94 row)."""
+    target = a.high_target if name == "94" else a.target
     subsets = ["--train-subset", str(a.train_subset), "--test-subset", str(a.test_subset)]
+    if args is None:
+        history, precision = tutorial(a.data_dir, target, a.tutorial_epochs, subsets), "no"
+    else:
+        args = [*args, *subsets]
+        history, precision = ours(a.data_dir, target, args)
+    hit = first_hit(history, target)
+    row = dict(row=name, target=f"{100 * target:.1f} %", seconds=f"{hit['elapsed']:.0f}" if hit else "never",
+               epoch=hit["epoch"] if hit else f">{len(history)}", precision=precision,
+               best=f"{100 * max((m.get('test_acc', 0) for m in history), default=0):.2f}")
+    if name == "94" and hit:
+        row.update(bound(args, precision, a.ceiling_seconds, hit["epoch"]))
+        row["vs ideal"] = f"{hit['elapsed'] / row['ideal_s']:.2f}x"
+    record = dict(args=args, seconds=hit["elapsed"] if hit else None, precision=precision,
+                  history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m} for m in history],
+                  **{k: row[k] for k in ("gflops", "ideal_s") if k in row})
+    return row, record
+
+
+def main() -> int:
+    a = parse_args()
+    flags = {**{name: args for name, (_, args) in ROWS.items()}, **{r: shlex.split(f) for r, f in a.flags}}
     table, record = [], {}
-    for name in rows:
-        target, args = (a.high_target if name == "94" else a.target), flags[name]
-        args = None if args is None else [*args, *subsets]
-        history, precision = (tutorial(a.data_dir, target, a.tutorial_epochs, subsets), "no") if args is None \
-            else ours(a.data_dir, target, args)
-        hit = first_hit(history, target)
-        row = dict(row=name, target=f"{100 * target:.1f} %", seconds=f"{hit['elapsed']:.0f}" if hit else "never",
-                   epoch=hit["epoch"] if hit else f">{len(history)}", precision=precision,
-                   best=f"{100 * max((m.get('test_acc', 0) for m in history), default=0):.2f}")
-        if name == "94" and hit:
-            row.update(bound(args, precision, a.ceiling_seconds, hit["epoch"]))
-            row["vs ideal"] = f"{hit['elapsed'] / row['ideal_s']:.2f}x"
+    for name in a.rows:
+        row, record[name] = run_row(a, name, flags[name])
         table.append(row)
-        record[name] = dict(args=args, seconds=hit["elapsed"] if hit else None, precision=precision,
-                            history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m} for m in history],
-                            **{k: row[k] for k in ("gflops", "ideal_s") if k in row})
         print(text_table(table[-1:], COLUMNS), flush=True)
     print(f"\ntime to accuracy on {machine()}:")
     print(text_table(table, COLUMNS))
@@ -156,7 +169,6 @@ def main() -> int:
     path = append_result(a.results, dict(target=a.target, high_target=a.high_target, rows=record, speedup=speedups))
     print(f"appended to {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
