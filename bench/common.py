@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from cifar_dist.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -19,13 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU)"
-    model = platform.processor() or "CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    return (f"{model}, {len(os.sched_getaffinity(0))} cores (CPU only, torch CPU capability "
+    return (f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores (CPU only, torch CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
 
 

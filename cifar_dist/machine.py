@@ -8,6 +8,7 @@ short probe of the run's own training step measures it, once per machine and mod
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import torch
 
 from cifar_dist.config import Config
 from cifar_dist.model import build_model
+from cifar_dist.rundir import write_atomic
 
 # bf16 trains when the probe measures its step at least this much faster than fp32; below, the noise of
 # a few timed steps could pick either, and fp32 is the precision nothing can go wrong with.
@@ -34,6 +36,7 @@ PROBE_STEPS = 2  # timed steps of each precision, after one untimed step
 
 # --- who launched us, and what they said ------------------------------------------------------------
 
+@functools.cache  # the ancestors of a process do not change: read /proc once
 def accelerate_launch() -> tuple[argparse.Namespace, dict[str, str]] | None:
     """The arguments and starting environment of the `accelerate launch` process this one runs under (the
     nearest such ancestor, read from /proc), or None (not launched by it, or not Linux). Accelerate puts
@@ -148,18 +151,19 @@ def probe_batch(cfg: Config, processes: int) -> int:
 
 def probe_key(cfg: Config, batch: int) -> str:
     """What the probe's answer depends on: this CPU, this torch, the threads, the model and its batch."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
-               platform.processor())
     spec = hashlib.sha256(json.dumps(cfg.model.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return (f"{cpu}|torch {torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|"
+    return (f"{cpu_name()}|torch {torch.__version__}|{torch.backends.cpu.get_cpu_capability()}|"
             f"{torch.get_num_threads()} threads|batch {batch}|channels_last {cfg.channels_last}|model {spec}")
 
 
-def _cpuinfo() -> list[str]:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform says."""
     try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return []
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "CPU")
 
 
 def cache_path() -> Path:
@@ -208,11 +212,9 @@ def probe(cfg: Config, processes: int) -> dict[str, Any]:
         return {**cache[key], "batch": batch, "cached": True}
     result = measure(cfg, batch)
     cache[key] = result
-    try:  # atomic: concurrent runs (Tune trials) each leave a whole file (the last one's entries)
+    try:  # concurrent runs (Tune trials) each leave a whole file (the last one's entries)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
+        write_atomic(path, json.dumps(cache, indent=1))
     except OSError:  # a read-only home: the next run measures again
         pass
     return {**result, "batch": batch, "cached": False}

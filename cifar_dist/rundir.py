@@ -3,6 +3,7 @@ the metrics and summary files, the training state a checkpoint carries, and the 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from datetime import datetime
@@ -115,8 +116,9 @@ def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int | str, keep:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write path.tmp, then rename: a kill mid-write never leaves a half file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a temporary file of this process, then rename: a kill mid-write never leaves a half file, and
+    two processes writing the same path (Tune trials sharing a cache) never write into one temporary file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
