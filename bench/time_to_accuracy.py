@@ -100,8 +100,9 @@ def bound(args: list[str], precision: str, seconds: float, epochs: int) -> dict:
     cfg = resolve(args)
     images_per_s = ceiling(cfg.preset, cfg.batch_size, precision == "bf16", seconds, cfg.model)  # an SGD step
     train_images = cfg.train_subset or 50_000
-    train_flops = per_image(cfg.model)[1] * (train_images // cfg.batch_size * cfg.batch_size) * epochs
-    flop_rate = images_per_s * per_image(cfg.model)[1]
+    per_train_image = per_image(cfg.model)[1]
+    train_flops = per_train_image * (train_images // cfg.batch_size * cfg.batch_size) * epochs
+    flop_rate = images_per_s * per_train_image
     return dict(gflops=round(flop_rate / 1e9), ideal_s=max(0.1, round(train_flops / flop_rate, 1)))
 
 
