@@ -100,6 +100,11 @@ class Config:
     group: str = setting("", "tracker group (a Tune search or a SLURM job groups its runs)", "record")
     feature_maps_every: int = setting(0, "log and save feature maps every N epochs (0: only at the end)", "record")
     feature_channels: int = setting(8, "channels per layer shown in the feature-map grids", "record")
+    # distribution and reproducibility
+    sync_bn: bool = setting(False, "with several processes, BatchNorm statistics of the global batch (synchronised "
+                                   "BatchNorm), as one process has them: the result does not depend on the world size")
+    deterministic: bool = setting(False, "deterministic kernels only (one line names an op that has none): the same "
+                                         "seed on the same machine gives bit-identical weights, on GPUs too")
     # run
     seed: int = setting(0, "random seed (weights, data order, augmentation)", "identity")
     output_dir: str = setting("", "where results and checkpoints go; default runs/<preset>-<timestamp>", "record")
@@ -209,14 +214,14 @@ def _coerce(value: Any, typ: Any, meta: dict[str, Any], key: str, source: str) -
         raise ConfigError(f"{key} in {source} must be {getattr(typ, '__name__', typ)}, got {value!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse adds usage)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
 def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train a ResNet on CIFAR-10 (see README).",
+    p = OneLineParser(prog=prog, description="Train a ResNet on CIFAR-10 (see README).",
                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml); flags override it")
     for name, (typ, meta) in {**TOP_FIELDS, **MODEL_FIELDS}.items():

@@ -227,76 +227,107 @@ def load_data(cfg: Config) -> Data:
 
 # --- batches on the device -----------------------------------------------------------------------
 
-def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
-    """Same seed and epoch give the same data order on every rank and after every resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """Same seed and epoch give the same draws on every rank and after every resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + stream)
 
 
-def augment(images: torch.Tensor, padding: int, flip: torch.Tensor | None, g: torch.Generator,
+@dataclass
+class EpochPlan:
+    """Every random choice of one training epoch, per position in the epoch: the image, its crop shift,
+    flip and cutout corner. A function of (seed, epoch) alone, never of the world size or the rank: any
+    number of processes trains the same global batches in the same order, each rank a slice of each,
+    and a resume on another world size continues the same sequence."""
+    order: torch.Tensor  # (positions,) image ids; the last partial global batch is dropped
+    shifts: torch.Tensor | None  # (positions, 2) crop offsets (row, column) in 0..2 * padding
+    flips: torch.Tensor | None  # (positions,) bool
+    corners: torch.Tensor | None  # (positions, 2) cutout top-left corner
+
+
+def epoch_plan(n: int, cfg: Config, epoch: int) -> EpochPlan:
+    """The plan of `n` training images: the order from one generator, the augmentations from another (so
+    the order does not depend on which augmentations are on)."""
+    g, aug = epoch_generator(cfg.seed, epoch), epoch_generator(cfg.seed, epoch, 1)
+    order = torch.randperm(n, generator=g)[: n // cfg.batch_size * cfg.batch_size]
+    k = len(order)
+    shifts = torch.randint(0, 2 * cfg.crop_padding + 1, (k, 2), generator=aug) if cfg.crop_padding else None
+    flips = None
+    if cfg.flip == "random":
+        flips = torch.rand(k, generator=aug) < 0.5
+    elif cfg.flip == "alternate":
+        flips = _flip_start(cfg.seed)[order] ^ bool(epoch % 2)
+    corners = torch.randint(0, 32 - cfg.cutout + 1, (k, 2), generator=aug) if cfg.cutout else None
+    return EpochPlan(order, shifts, flips, corners)
+
+
+@functools.lru_cache(maxsize=4)
+def _flip_start(seed: int, n: int = 60_000) -> torch.Tensor:
+    """`alternate` flips: each image flips every other epoch from a random start, so over any two epochs
+    it is seen both ways (fewer repeats than random flips)."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 77)) < 0.5
+
+
+def augment(images: torch.Tensor, padding: int, shifts: torch.Tensor | None, flips: torch.Tensor | None,
             mode: str = "zeros") -> torch.Tensor:
-    """Random crop (zero or reflect padding, then a per-image shift) and given flips, for a uint8 batch."""
-    if padding:
+    """Random crop (zero or reflect padding, then each image's shift) and flips, for a uint8 batch."""
+    if shifts is not None:
         n, c, h, w = images.shape
+        dev = images.device
         padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect" if mode == "reflect" else "constant")
-        dy, dx = (torch.randint(0, 2 * padding + 1, (2, n), generator=g)).to(images.device)
-        rows = (dy[:, None] + torch.arange(h, device=images.device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, None, :]
-        chans = torch.arange(c, device=images.device)[None, :, None, None]
-        images = padded[torch.arange(n, device=images.device)[:, None, None, None], chans, rows, cols]
-    if flip is not None:
-        images = torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+        dy, dx = shifts.to(dev).T
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        chans = torch.arange(c, device=dev)[None, :, None, None]
+        images = padded[torch.arange(n, device=dev)[:, None, None, None], chans, rows, cols]
+    if flips is not None:
+        images = torch.where(flips.to(images.device)[:, None, None, None], images.flip(-1), images)
     return images
 
 
-def cutout(images: torch.Tensor, size: int, fill: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """One size x size square per image, anywhere fully inside it, set to `fill` (uint8 per channel: the
+def cutout(images: torch.Tensor, size: int, fill: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """One size x size square per image at its (top, left) corner, set to `fill` (uint8 per channel: the
     dataset mean, which normalises to zero, as airbench's cutout of normalised images)."""
-    n, _, h, w = images.shape
+    _, _, h, w = images.shape
     dev = images.device
-    top, left = (torch.randint(0, k - size + 1, (n, 1), generator=g).to(dev) for k in (h, w))
+    top, left = corners.to(dev).T[:, :, None]
     rows, cols = torch.arange(h, device=dev)[None], torch.arange(w, device=dev)[None]
     inside = (((rows >= top) & (rows < top + size))[:, :, None] & ((cols >= left) & (cols < left + size))[:, None, :])
     return torch.where(inside[:, None], fill.view(1, -1, 1, 1).to(dev), images)
 
 
-def flip_mask(mode: str, idx: torch.Tensor, epoch: int, seed: int, g: torch.Generator) -> torch.Tensor | None:
-    """Which images of a batch to flip. `alternate`: each image flips every other epoch, from a
-    random start, so over any two epochs it is seen both ways (fewer repeats than random flips)."""
-    if mode == "none":
-        return None
-    if mode == "random":
-        return torch.rand(len(idx), generator=g) < 0.5
-    return _flip_start(seed)[idx] ^ bool(epoch % 2)
-
-
-@functools.lru_cache(maxsize=4)
-def _flip_start(seed: int, n: int = 60_000) -> torch.Tensor:
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed + 77)) < 0.5
+@dataclass
+class Batch:
+    """One micro-batch of one rank: the images' ids in the training split, augmented, with their labels."""
+    ids: torch.Tensor
+    images: torch.Tensor  # uint8
+    labels: torch.Tensor
 
 
 def train_batches(split: Split, cfg: Config, epoch: int, rank: int, world: int,
-                  mean: tuple[float, ...] = (0.0, 0.0, 0.0)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's micro-batches for one epoch: uint8 images (augmented) and labels.
+                  mean: tuple[float, ...] = (0.0, 0.0, 0.0), start: int = 0) -> Iterator[Batch]:
+    """This rank's micro-batches for one epoch, from global batch `start` on (a mid-epoch resume).
 
-    Every step consumes one GLOBAL batch of `cfg.batch_size` images from a permutation that is the
-    same on all ranks; rank r takes its own slice, so ranks see disjoint images. The last partial
-    global batch is dropped so every rank takes the same number of steps. `mean` (0..1) fills cutouts.
+    Every step consumes one GLOBAL batch of `cfg.batch_size` positions of the epoch's plan; rank r takes
+    its own slice of it, so ranks see disjoint images, and every rank takes the same number of steps.
+    `mean` (0..1) fills cutouts.
     """
-    g = epoch_generator(cfg.seed, epoch)
-    perm = torch.randperm(len(split), generator=g)
-    aug_g = epoch_generator(cfg.seed, epoch, rank + 1)
+    plan = epoch_plan(len(split), cfg, epoch)
     per_rank = cfg.batch_size // world
-    micro = per_rank // cfg.grad_accum
     fill = (torch.tensor(mean) * 255).round().to(torch.uint8)
-    for step in range(len(split) // cfg.batch_size):
-        mine = perm[step * cfg.batch_size + rank * per_rank:][:per_rank]
-        for m in mine.split(micro):
-            flip = flip_mask(cfg.flip, m, epoch, cfg.seed, aug_g)
-            m = m.to(split.images.device)
-            images = augment(split.images[m], cfg.crop_padding, flip, aug_g, cfg.crop_mode)
-            if cfg.cutout:
-                images = cutout(images, cfg.cutout, fill, aug_g)
-            yield images, split.labels[m]
+    for step in range(start, len(plan.order) // cfg.batch_size):
+        mine = torch.arange(step * cfg.batch_size + rank * per_rank, step * cfg.batch_size + (rank + 1) * per_rank)
+        for pos in mine.split(per_rank // cfg.grad_accum):
+            ids = plan.order[pos]
+            idx = ids.to(split.images.device)
+            images = augment(split.images[idx], cfg.crop_padding, _at(plan.shifts, pos), _at(plan.flips, pos),
+                             cfg.crop_mode)
+            if plan.corners is not None:
+                images = cutout(images, cfg.cutout, fill, plan.corners[pos])
+            yield Batch(ids, images, split.labels[idx])
+
+
+def _at(values: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor | None:
+    return None if values is None else values[pos]
 
 
 def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -26,6 +26,7 @@ def missing_modules(names: tuple[str, ...]) -> list[str]:
 def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tuple[Accelerator, dict[str, Any]]:
     """The run's Accelerator: `accelerate launch`'s settings (or `plugin`), checked against the config,
     with this machine's CPU threads and precision (`cifar_dist.machine`); and those choices, for the record."""
+    machine.use_deterministic_kernels(cfg.deterministic)  # before anything touches a GPU
     deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and (missing := missing_modules(("deepspeed", "transformers"))):
         raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
@@ -72,6 +73,74 @@ def machine_choices(cfg: Config, state: PartialState) -> dict[str, Any]:
     if warning and state.is_main_process:
         print(warning, file=sys.stderr, flush=True)
     return choices
+
+
+# --- BatchNorm over the world ---------------------------------------------------------------------
+
+class WorldSum(torch.autograd.Function):
+    """A sum over every process whose gradient is the sum of every process's gradient: each rank's
+    statistics feed every rank's loss."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    return WorldSum.apply(x)
+
+
+class GlobalBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are the global batch's, over every process, as one process
+    computes them: what torch.nn.SyncBatchNorm does on GPUs, on any device (CPU processes over gloo).
+    Two all-reduces per layer and step: the sum (with the count), then the squared deviations from the
+    global mean (the variance without a sum of squares' cancellation). Their backward sums every rank's
+    gradient, so DDP's average of the ranks' gradients is the global batch's, as with one process."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not torch.distributed.is_initialized():
+            return super().forward(x)
+        xf, dims = x.float(), (0, 2, 3)
+        stats = all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // x.shape[1]])]))
+        count, mean = stats[-1], stats[:-1] / stats[-1]
+        centred = xf - mean[None, :, None, None]
+        var = all_reduce(centred.square().sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1), m)  # unbiased, as BatchNorm keeps it
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """--sync-bn: every BatchNorm2d over the global batch (torch's SyncBatchNorm on GPUs, where it has
+    fused kernels; GlobalBatchNorm elsewhere). The state_dict keys are unchanged: checkpoints and model.pt
+    load into a model with or without it."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            bn = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            for new, old in zip(bn.parameters(), child.parameters()):
+                new.requires_grad_(old.requires_grad)  # a fixed scale stays fixed (--no-bn-weight)
+            setattr(model, name, bn)
+        else:
+            sync_batchnorm(child, device)
+    return model
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cifar_dist import data as D
-from cifar_dist.config import Config, ConfigError, resolve
+from cifar_dist.config import Config, ConfigError, OneLineParser, resolve
 from cifar_dist.model import build_model
 
 PROG = "cifar_dist.export"
@@ -56,7 +56,7 @@ def export(run: Path, batch: int = 64) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a finished run's output directory")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest allowed |ONNX - PyTorch| difference, relative to max(1, largest |logit|)")

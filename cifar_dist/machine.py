@@ -1,4 +1,5 @@
-"""What the machine at hand gives a run: its CPU threads, and the precision that trains fastest here.
+"""What the machine at hand gives a run: its CPU threads, the precision that trains fastest here, and
+deterministic kernels when asked (--deterministic).
 
 Two traps this module exists for. `accelerate launch` without a GPU sets OMP_NUM_THREADS=1 when the user
 set no thread count, so a run used one core of many. And bf16 on a CPU is fast or slow depending on the
@@ -13,9 +14,11 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -125,6 +128,42 @@ def cpu_threads(cfg: Config) -> tuple[int, str]:
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // local_world), f"auto: {cores} cores / {local_world} process(es)"
+
+
+# --- determinism ------------------------------------------------------------------------------------
+
+def use_deterministic_kernels(on: bool) -> None:
+    """--deterministic: only deterministic kernels, so a rerun with the same seed on the same machine (and
+    thread count) repeats every float; off: torch's defaults (a run sets both ways: the setting is the
+    process's, and a Tune worker runs one trial after another). Called before the first CUDA call: cuBLAS
+    reads its workspace setting once. An op without a deterministic kernel does not stop the run; one line
+    names it."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False
+    if on and not getattr(warnings.showwarning, "names_nondeterministic_ops", False):
+        warnings.showwarning = _name_nondeterministic_op(warnings.showwarning)
+
+
+def _name_nondeterministic_op(show: Callable[..., None]) -> Callable[..., None]:
+    """torch's warning for such an op, shortened to one line, once per op (others pass through)."""
+    named: set[str] = set()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if "does not have a deterministic implementation" not in text:
+            return show(message, category, filename, lineno, file, line)
+        op = text.split(" does not have", 1)[0]
+        if op not in named:
+            named.add(op)
+            print(f"--deterministic: {op} has no deterministic kernel; results may differ between runs",
+                  file=sys.stderr, flush=True)
+
+    showwarning.names_nondeterministic_ops = True  # type: ignore[attr-defined]
+    return showwarning
 
 
 # --- precision --------------------------------------------------------------------------------------

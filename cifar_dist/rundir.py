@@ -2,30 +2,38 @@
 the metrics and summary files, the training state a checkpoint carries, and the preemption stop."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import socket
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from cifar_dist.config import IDENTITY, Config, ConfigError, load_yaml, to_dict
 
 
 class TrainState:
-    """What a checkpoint needs beyond model/optimizer/RNG: progress and the metrics so far. A checkpoint
-    taken mid-epoch (on a preemption signal) also holds the micro-batches done and their running sums."""
+    """What a checkpoint needs beyond model and optimizer: progress and the metrics so far. A checkpoint
+    taken mid-epoch (on a preemption signal) also holds the global batches done and their running sums.
+    Every resume is recorded (where, on how many processes, after how many elastic restarts).
 
-    FIELDS = ("epoch", "step", "seconds", "history", "batch", "partial")
+    No random state: training draws nothing from the global generators (the data's draws are a function
+    of seed and epoch, `data.epoch_plan`), so the per-process RNG files Accelerate writes are not needed,
+    and a resume on more processes than saved them (which finds no file for the new ranks) changes nothing."""
+
+    FIELDS = ("epoch", "step", "seconds", "history", "batch", "partial", "resumes")
 
     def __init__(self) -> None:
         self.epoch, self.step, self.seconds, self.history = 0, 0, 0.0, []
         self.batch, self.partial = 0, [0.0, 0.0, 0.0, 0.0]  # loss, correct, count, seconds of the epoch so far
+        self.resumes: list[dict[str, Any]] = []
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.FIELDS}
@@ -70,11 +78,49 @@ def output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     if diff := saved_differences(out, to_dict(cfg), IDENTITY):
         raise ConfigError(f"output dir {out} holds a run with another {', '.join(diff)}; "
                           "use a new --output-dir (nothing was changed)")
-    # A directory without config.yaml must be empty, but for the checkpoints a Tune restore puts back.
-    foreign = [p for p in out.iterdir() if p.name != "checkpoints"] if out.is_dir() else []
+    # A directory without config.yaml must be empty, but for the checkpoints a Tune restore puts back
+    # (and the lock file of a run that stopped before writing its config).
+    foreign = [p for p in out.iterdir() if p.name not in ("checkpoints", LOCK)] if out.is_dir() else []
     if foreign and not (out / "config.yaml").exists():
         raise ConfigError(f"output dir {out} is not empty and holds no cifar-dist run (no config.yaml)")
     return out
+
+
+LOCK = ".lock"  # in the output directory: held (flock) by the main process of the run using it
+
+
+def hold(out: Path, accelerator: Accelerator) -> IO[str] | None:
+    """One run per output directory at a time: the main process takes an exclusive lock on out/.lock
+    before anything of the run is written, and keeps it until the run ends; the OS releases it when the
+    process dies (a kill, a lost node), so a rerun or a requeue resumes as usual. A second run on the
+    directory of a live one is refused on every rank, having changed nothing. Returns the lock (main
+    process) to close at the end. (flock works across processes of one host and on most cluster file
+    systems; on NFS it depends on the mount's lock support.)"""
+    handle, refusal = None, [None]
+    if accelerator.is_main_process:
+        handle, refusal[0] = take_lock(out)
+    broadcast_object_list(refusal)
+    if refusal[0]:
+        raise ConfigError(refusal[0])
+    return handle
+
+
+def take_lock(out: Path) -> tuple[IO[str] | None, str | None]:
+    """(the held lock file, None), or (None, why not) when a live process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a+")  # created if missing; an existing one is opened unchanged
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return None, (f"output dir {out} is in use by a live run ({holder}); wait for it to end or use another "
+                      "--output-dir (nothing was changed)")
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    handle.flush()
+    return handle, None
 
 
 def saved_differences(out: Path, wanted: dict[str, Any], keys: list[str]) -> list[str]:
@@ -104,15 +150,27 @@ def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int | str, keep:
     """Write epoch-N.tmp, then rename: a kill mid-save never leaves a half checkpoint as the latest."""
     final = out / "checkpoints" / (f"epoch-{epoch:04d}" if isinstance(epoch, int) else f"epoch-{epoch}")
     tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():  # the half save of a run killed while saving
+        remove_tree(tmp)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tmp.rename(final)
         for old in checkpoints(out)[:-keep]:
-            for f in sorted(old.rglob("*"), reverse=True):
-                f.unlink() if f.is_file() else f.rmdir()
-            old.rmdir()
+            remove_tree(old)
     accelerator.wait_for_everyone()
+
+
+def remove_tree(folder: Path) -> None:
+    for f in sorted(folder.rglob("*"), reverse=True):
+        f.unlink() if f.is_file() or f.is_symlink() else f.rmdir()
+    folder.rmdir()
+
+
+def saved_by(path: Path) -> int:
+    """How many processes saved a checkpoint: Accelerate writes one RNG file per process."""
+    return len(list(path.glob("random_states_*.pkl")))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -140,16 +198,21 @@ def save_preempted(accelerator: Accelerator, out: Path, state: TrainState, epoch
     """The preemption stop: a mid-epoch checkpoint (it sorts between epoch-N and epoch-N+1) unless the
     epoch's own was just saved; returns the line that says what was kept."""
     if not saved:
-        save_checkpoint(accelerator, out, f"{epochs_done:04d}+{state.batch:06d}", keep)  # epochs, micro-batches
+        save_checkpoint(accelerator, out, f"{epochs_done:04d}+{state.batch:06d}", keep)  # epochs, global batches
     return (f"after {epochs_done} epochs and {state.batch} batches: checkpoint {checkpoints(out)[-1]} saved; "
             "rerun the same command to resume")
 
 
 def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimizer,
-           scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+           scheduler: torch.optim.lr_scheduler.LambdaLR, state: TrainState) -> int:
     """Load a checkpoint, keeping this config's optimiser settings (lr, weight decay, ...): the
-    command line wins, so a diverged run can be resumed with a lower --lr."""
+    command line wins, so a diverged run can be resumed with a lower --lr. Any world size resumes a DDP
+    checkpoint (one copy of the model and optimizer); returns the number of processes that saved it."""
     wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    saved, world = saved_by(path), accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and saved != world:
+        raise ConfigError(f"checkpoint {path} was saved by {saved} DeepSpeed processes and ZeRO cannot "
+                          f"repartition its optimizer shards for {world}; resume on {saved} processes")
     try:
         accelerator.load_state(str(path))
     except (RuntimeError, KeyError, ValueError) as e:
@@ -160,3 +223,11 @@ def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimize
     scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     for group, lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = lr * f(scheduler.last_epoch)
+    state.resumes.append(dict(epoch=state.epoch, batch=state.batch, saved_by=saved, world_size=world,
+                              elastic_restart=elastic_restarts()))
+    return saved
+
+
+def elastic_restarts() -> int:
+    """How many times torch elastic (accelerate launch --max_restarts) restarted this process group."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -4,7 +4,9 @@ processes, DDP, mixed precision) or `python -m cifar_dist.train ...`. Reads top 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,12 +24,13 @@ from tqdm.auto import tqdm
 from cifar_dist import data as D
 from cifar_dist import flops, pictures, tracking
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
-from cifar_dist.distributed import configure_deepspeed, make_accelerator, rank_digests, uses_deepspeed
+from cifar_dist.distributed import (configure_deepspeed, make_accelerator, rank_digests, sync_batchnorm,
+                                   uses_deepspeed)
 from cifar_dist.evaluate import evaluate
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
 from cifar_dist.optim import Lookahead, make_optimizer, make_scheduler
-from cifar_dist.rundir import (Preemption, TrainState, checkpoints, finished_summary, output_dir, resume,
-                               save_checkpoint, save_preempted, save_results, write_metrics)
+from cifar_dist.rundir import (Preemption, TrainState, checkpoints, elastic_restarts, finished_summary, hold,
+                               output_dir, resume, save_checkpoint, save_preempted, save_results, write_metrics)
 
 PROG = "cifar_dist.train"
 
@@ -58,6 +61,7 @@ class Run:
     choices: dict[str, Any]
     size: tuple[int, int]  # parameters and bytes of the model as built (DeepSpeed may cast what it prepares)
     confusion: torch.Tensor | None = None  # of the main split, at its last evaluation
+    trace: Path | None = None  # this rank's file of trained micro-batches ($CIFAR_DIST_TRACE, tests)
 
     @property
     def main(self) -> str:
@@ -81,9 +85,10 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch."""
     trackers = tracking.parse(cfg.tracker)
     accelerator, choices = make_accelerator(cfg, trackers, deepspeed_plugin)
-    preemption, failed = None, True
+    preemption, failed, lock = None, True, None
     try:  # one teardown for every way out: the end, a preemption stop, an error
         out = output_dir(cfg, accelerator)
+        lock = hold(out, accelerator)  # refused while another run uses the directory
         if (done := finished_summary(out, cfg)) is not None:
             acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
             say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
@@ -96,6 +101,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
         return done
     finally:
         teardown(accelerator, preemption, failed)
+        if lock is not None:
+            lock.close()
 
 
 def run_epochs(run: Run, preemption: Preemption,
@@ -147,8 +154,12 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
               state, steps_per_epoch, choices, size)
     if ckpts := checkpoints(out):
-        resume(accelerator, ckpts[-1], optimizer, scheduler)
-        say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch})")
+        saved_world = resume(accelerator, ckpts[-1], optimizer, scheduler, state)
+        restart = f"; elastic restart {elastic_restarts()}" if elastic_restarts() else ""
+        say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch}, batch {state.batch}; saved by "
+                         f"{saved_world} process(es), resumed on {accelerator.num_processes}{restart})")
+    if folder := os.environ.get("CIFAR_DIST_TRACE"):
+        run.trace = Path(folder) / f"rank{accelerator.process_index}-pid{os.getpid()}.jsonl"
     return run
 
 
@@ -186,6 +197,8 @@ def build(cfg: Config, accelerator: Accelerator, train_set: D.Split,
     if cfg.model.stem == "whiten":  # from the first 5000 training images, the same on every rank
         model.init_whitening(norm(train_set.images[:5000]).cpu())
     size = count_params(model), model_bytes(model)
+    if cfg.sync_bn and accelerator.num_processes > 1:  # BatchNorm of one process needs no synchronising
+        model = sync_batchnorm(model, accelerator.device)
     if cfg.channels_last and not deepspeed:  # DeepSpeed's broadcast needs contiguous parameters
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:  # in place: the module and its state_dict names stay as they are (no `_orig_mod.`)
@@ -247,25 +260,37 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
     # loss, correct, count of this rank; a mid-epoch checkpoint's sums are the whole world's, so rank 0
     # alone carries them on (the world may have another size after a requeue)
     sums = torch.tensor(state.partial[:3] if rank == 0 else [0.0] * 3, device=device, dtype=torch.float64)
-    skip, state.batch, state.partial = state.batch, 0, [0.0] * 4
-    bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+    start, state.batch, state.partial = state.batch, 0, [0.0] * 4
+    bar = tqdm(initial=start, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
-    for i, (x, y) in enumerate(D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean)):
-        if i < skip:  # resumed mid-epoch: the batches (and their augmentations) are drawn again, not trained
-            continue
-        loss, logits = step(run, x, y)
-        sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum(),
-                             torch.tensor(len(y), device=device)]).double()
+    batches = D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean, start)
+    for i, batch in enumerate(batches):
+        loss, logits = step(run, batch.images, batch.labels)
+        if run.trace is not None:
+            trace(run, epoch, start + i // cfg.grad_accum, batch)
+        sums += torch.stack([loss.detach() * len(batch.labels), (logits.detach().argmax(1) == batch.labels).sum(),
+                             torch.tensor(len(batch.labels), device=device)]).double()
         if accelerator.sync_gradients and state.step % cfg.log_every == 0:
             if check_in(run, loss, preemption, bar, epoch):
                 bar.close()
-                state.batch = i + 1
+                state.batch = start + (i + 1) // cfg.grad_accum  # global batches done: the same on any world size
                 state.partial = [*accelerator.reduce(sums, "sum").tolist(), time.perf_counter() - t0]
                 return None
         if accelerator.sync_gradients:
             bar.update(1)
     bar.close()
     return [*accelerator.reduce(sums, "sum").tolist(), t0]
+
+
+def trace(run: Run, epoch: int, position: int, batch: D.Batch) -> None:
+    """$CIFAR_DIST_TRACE (a test's hook): this rank's micro-batch as trained, one JSON line: its global
+    batch, the images' ids and a checksum of each augmented image (its pixels weighted by position)."""
+    pixels = batch.images.reshape(len(batch.ids), -1).long().cpu()
+    sums = (pixels * torch.arange(1, pixels.shape[1] + 1)).sum(1)
+    line = dict(epoch=epoch, batch=position, rank=run.accelerator.process_index,
+                world=run.accelerator.num_processes, ids=batch.ids.tolist(), pixels=sums.tolist())
+    with open(run.trace, "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,7 +415,8 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
                    precision_probe=run.choices["precision_probe"], cpu_threads=run.choices["cpu_threads"],
                    device=accelerator.device.type, total_seconds=run.state.seconds,
                    distributed_type=str(accelerator.distributed_type), engine=type(run.model).__name__,
-                   rank_weight_digests=digests, **{f"per_class_{run.main}_acc": per_class},
+                   rank_weight_digests=digests, restarts=elastic_restarts(), resumes=run.state.resumes,
+                   **{f"per_class_{run.main}_acc": per_class},
                    normalization=dict(mean=list(run.data.mean), std=list(run.data.std)))
     return summary
 

@@ -69,11 +69,12 @@ def cfg(**kw) -> Config:
 
 def test_augment_keeps_shape_dtype_labels_and_content():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
-    out = D.augment(images, 4, None, g)
+    shifts = torch.randint(0, 9, (16, 2), generator=torch.Generator().manual_seed(0))
+    out = D.augment(images, 4, shifts, None)
     assert out.shape == images.shape and out.dtype == torch.uint8
     assert not torch.equal(out, images)  # shifted
-    flipped = D.augment(images, 0, torch.ones(16, dtype=torch.bool), g)
+    assert torch.equal(D.augment(images, 4, torch.full((16, 2), 4), None), images)  # the centre window
+    flipped = D.augment(images, 0, None, torch.ones(16, dtype=torch.bool))
     assert torch.equal(flipped, images.flip(-1))
     # every crop is a window of the zero-padded image
     padded = torch.nn.functional.pad(images, (4,) * 4)
@@ -85,13 +86,13 @@ def test_augment_keeps_shape_dtype_labels_and_content():
 def test_train_batches_keep_labels_with_their_images():
     split = D.Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 32, 32).contiguous(),
                     torch.arange(100))
-    for x, y in D.train_batches(split, cfg(crop_padding=0), epoch=0, rank=0, world=1):
-        assert torch.equal(x[:, 0, 0, 0].long(), y)
+    for b in D.train_batches(split, cfg(crop_padding=0), epoch=0, rank=0, world=1):
+        assert torch.equal(b.images[:, 0, 0, 0].long(), b.labels) and torch.equal(b.ids, b.labels)
 
 
 def test_ranks_get_disjoint_shards_and_eval_counts_each_image_once():
     split = D.Split(torch.zeros(103, 3, 32, 32, dtype=torch.uint8), torch.arange(103))
-    seen = [torch.cat([y for _, y in D.train_batches(split, cfg(), 0, r, 2)]) for r in range(2)]
+    seen = [torch.cat([b.labels for b in D.train_batches(split, cfg(), 0, r, 2)]) for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 40  # 2 steps of 40 global, 20 per rank
     assert not set(seen[0].tolist()) & set(seen[1].tolist())
     shards = [torch.cat([y for _, y in D.eval_batches(split, 7, r, 3)]) for r in range(3)]
@@ -100,18 +101,46 @@ def test_ranks_get_disjoint_shards_and_eval_counts_each_image_once():
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
     split = D.Split(torch.zeros(200, 3, 32, 32, dtype=torch.uint8), torch.arange(200))
-    order = lambda e, s=0: torch.cat([y for _, y in D.train_batches(split, cfg(seed=s), e, 0, 1)])
+    order = lambda e, s=0: torch.cat([b.labels for b in D.train_batches(split, cfg(seed=s), e, 0, 1)])
     assert torch.equal(order(3), order(3))
     assert not torch.equal(order(3), order(4)) and not torch.equal(order(3), order(3, s=1))
 
 
 def test_alternating_flip_alternates():
-    idx = torch.arange(500)
-    g = torch.Generator().manual_seed(0)
-    masks = [D.flip_mask("alternate", idx, e, seed=0, g=g) for e in range(4)]
+    def flipped(epoch: int) -> torch.Tensor:  # by image id
+        plan = D.epoch_plan(500, cfg(flip="alternate", batch_size=50), epoch)
+        return plan.flips[plan.order.argsort()]
+    masks = [flipped(e) for e in range(4)]
     assert 150 < int(masks[0].sum()) < 350
     assert torch.equal(masks[1], ~masks[0]) and torch.equal(masks[2], masks[0]) and torch.equal(masks[3], ~masks[0])
-    assert D.flip_mask("none", idx, 0, 0, g) is None
+    assert D.epoch_plan(500, cfg(flip="none", batch_size=50), 0).flips is None
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_any_world_size_trains_the_same_global_batches_with_the_same_augmentations(grad_accum):
+    """The plan of an epoch is a function of (seed, epoch): 1, 2 or 4 ranks, each taking its slice, train
+    the same images, augmented the same way, in the same global batches; and a resume from global batch k
+    continues it."""
+    split = D.Split(torch.randint(0, 256, (203, 3, 32, 32), dtype=torch.uint8), torch.arange(203) % 10)
+    c = cfg(batch_size=40, grad_accum=grad_accum, cutout=8, crop_mode="reflect")
+
+    def global_batches(world: int, start: int = 0) -> list[tuple[list[int], torch.Tensor]]:
+        ranks = [list(D.train_batches(split, c, 3, r, world, (0.5, 0.5, 0.5), start)) for r in range(world)]
+        steps = [ranks[r][k:k + grad_accum] for r in range(world) for k in range(0, len(ranks[r]), grad_accum)]
+        per_step = len(steps) // world  # steps[r * per_step + k]: rank r's micro-batches of global batch k
+        return [(sum((b.ids.tolist() for r in range(world) for b in steps[r * per_step + k]), []),
+                 torch.cat([b.images for r in range(world) for b in steps[r * per_step + k]]))
+                for k in range(per_step)]
+
+    one = global_batches(1)
+    assert len(one) == 5 and len({i for ids, _ in one for i in ids}) == 200
+    for world in (2, 4):
+        other = global_batches(world)
+        assert [ids for ids, _ in other] == [ids for ids, _ in one]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, one))
+    resumed = global_batches(2, start=3)
+    assert [ids for ids, _ in resumed] == [ids for ids, _ in one[3:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, one[3:]))
 
 
 def test_validation_split_is_fixed_by_seed_and_disjoint():
@@ -128,9 +157,9 @@ def test_cutout_blanks_one_square_inside_each_image_with_the_mean():
     # a constant image is unchanged by reflect crops and flips: a square cut before them would be shifted out
     c = cfg(batch_size=32, crop_padding=4, crop_mode="reflect", flip="random", cutout=12)
     batches = list(D.train_batches(split, c, 0, 0, 1, mean))
-    images = torch.cat([x for x, _ in batches])
+    images = torch.cat([b.images for b in batches])
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.uint8
-    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(split.labels.tolist())  # labels kept
+    assert sorted(torch.cat([b.labels for b in batches]).tolist()) == sorted(split.labels.tolist())  # labels kept
     corners = set()
     for img in images:
         blank = img != 200

@@ -76,7 +76,7 @@ def test_whitening_stem_decorrelates_patches():
 
 def test_reflect_crop_is_a_window_of_the_mirrored_image():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    out = D.augment(images, 2, None, torch.Generator().manual_seed(0), "reflect")
+    out = D.augment(images, 2, torch.randint(0, 5, (8, 2), generator=torch.Generator().manual_seed(0)), None, "reflect")
     assert out.shape == images.shape and out.dtype == torch.uint8
     padded = torch.nn.functional.pad(images, (2,) * 4, mode="reflect")
     for i in range(8):

@@ -137,3 +137,23 @@ def test_accelerate_launch_is_recognised_as_users_type_it():
     assert machine.launch_start(["/usr/bin/python3", "/venv/bin/accelerate-launch", "train.py"]) == 2
     assert machine.launch_start(["python", "/venv/bin/accelerate", "config"]) is None
     assert machine.launch_start(["python", "-m", "cifar_dist.train", "launch"]) is None
+
+
+def test_deterministic_kernels_name_an_op_without_one_in_one_line_once(capsys):
+    """An op with no deterministic kernel (as torch alerts it: here a CUDA one's alert, raised by hand on
+    this CPU machine) does not stop the run; one line names it, once. Off again restores torch's default."""
+    import torch
+    from torch._prims_common import alert_not_deterministic
+
+    machine.use_deterministic_kernels(True)
+    try:
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        alert_not_deterministic("median_cuda")
+        alert_not_deterministic("median_cuda")
+    finally:
+        machine.use_deterministic_kernels(False)
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["--deterministic: median_cuda has no deterministic kernel; results may differ "
+                                "between runs"], err

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cifar_dist.config import TOP_FIELDS
+from cifar_dist.config import TOP_FIELDS, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.backends import BACKENDS, is_deepspeed
 from cifar_dist.search.report import trial_rows, write_best, write_table
@@ -36,7 +36,7 @@ def setting_help(name: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     a = p.add_argument
     a("--space", type=Path, default=SPACE, help="search space YAML (default: tune/space.yaml)")
     a("--num-samples", type=int, default=8, help="configurations to sample (x each grid point)")
