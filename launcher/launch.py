@@ -1,12 +1,14 @@
 """Turn "this machine" or "this SLURM allocation" into the right `accelerate launch` of train.py.
 
-    python -m launcher [--dry-run] [--nproc N] [--backend ddp] -- <train.py arguments>
+    python -m launcher [--dry-run] [--nproc N] [--backend ddp] [--max-restarts N] -- <train.py arguments>
 
 Local: one process per GPU (or --nproc CPU processes, default 1). Under SLURM (run once per node, as the
 task of `srun --ntasks-per-node=1`): the node list from `scontrol show hostnames`, this node's rank from
 its own SLURM_NODEID, the head node's address from `scontrol show node`, a port derived from the job id,
 processes per node from the GPUs allotted. Anything inconsistent fails with one line and exit code 2,
 instead of a hang. SIGUSR1/SIGTERM are passed to the training processes, which checkpoint and stop.
+With --max-restarts N, torch elastic restarts the whole group (up to N times) when a process dies, and
+training resumes from its last checkpoint by itself.
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from cifar_dist.backends import BACKENDS, is_deepspeed
+from cifar_dist.config import OneLineParser
 
 HERE = Path(__file__).resolve().parent
 TRAIN = HERE.parent / "cifar_dist" / "train.py"
@@ -109,18 +113,26 @@ def check(world: World) -> None:
         raise LaunchError(f"port {world.port} is not usable")
 
 
-def command(world: World, backend: str, train_args: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The environment additions and the `accelerate launch` command for this node."""
+def command(world: World, backend: str, train_args: list[str],
+            max_restarts: int = 0) -> tuple[dict[str, str], list[str]]:
+    """The environment additions and the `accelerate launch` command for this node. Restarts need torch
+    elastic's agent, so they take the multi-process path even for one process."""
     deepspeed = is_deepspeed(backend)
     # CPU DDP: ACCELERATE_USE_CPU with --multi_gpu (--cpu would start ONE process per node). Not for
     # DeepSpeed, which that variable silently turns into plain DDP; its config names the distribution.
     env = {} if world.gpu or deepspeed else {"ACCELERATE_USE_CPU": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(BACKENDS[backend])]
-    if world.processes > 1 or deepspeed:
+    if world.processes > 1 or deepspeed or max_restarts:
         cmd += [] if deepspeed else ["--multi_gpu"]
         cmd += ["--num_processes", str(world.processes), "--num_machines", str(world.machines),
                 "--machine_rank", str(world.rank), "--main_process_ip", world.head,
                 "--main_process_port", str(world.port)]
+        if max_restarts:
+            # Each restart needs a fresh store for the ranks to meet in: in the agent's own store (static
+            # rendezvous, or c10d's shared one) a restarted rank may read a dead rank's address and fail to
+            # connect (pytorch#135712). c10d without sharing gives the workers a new store every round.
+            cmd += ["--max_restarts", str(max_restarts), "--rdzv_backend", "c10d"]
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1"]
     return env, cmd + [str(TRAIN), *train_args]
@@ -143,10 +155,26 @@ def forward_signals(child: subprocess.Popen) -> None:
         signal.signal(sig, handler)
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low, else argparse's one-line error and exit code 2."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description="Launch cifar_dist/train.py on this machine or SLURM node.")
+    p = OneLineParser(prog=PROG, description="Launch cifar_dist/train.py on this machine or SLURM node.")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    p.add_argument("--nproc", type=int, default=None, help="processes per node (default: one per GPU, else 1)")
+    p.add_argument("--nproc", type=at_least(1), default=None,
+                   help="processes per node (default: one per GPU, else 1)")
+    p.add_argument("--max-restarts", type=at_least(0), default=0, help="restart the process group up to N times "
+                   "when a process dies; training resumes from its last checkpoint (torch elastic)")
     p.add_argument("--backend", default="ddp", choices=sorted(BACKENDS), help="accelerate config to use")
     p.add_argument("--print-head", action="store_true", help="print the head node's address and port, and exit "
                    "(slurm/tune.sh starts Ray there)")
@@ -163,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_head:
         print(world.head, world.port)
         return 0
-    extra, cmd = command(world, args.backend, train_args)
+    extra, cmd = command(world, args.backend, train_args, args.max_restarts)
     line = " ".join([*(f"{k}={v}" for k, v in extra.items()), *map(shlex.quote, cmd)])
     if args.dry_run:
         print(line)

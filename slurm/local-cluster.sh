@@ -6,6 +6,9 @@
 #   down    stop exactly the daemons `up` started
 #   status  sinfo of the cluster
 #   env     print `export SLURM_CONF=...`: run `eval "$(slurm/local-cluster.sh env)"` before sbatch/squeue
+#   fail NODE     what a machine that dies looks like: the node's slurmd stops and the controller marks it
+#                 down, so its jobs end (and requeue) and nothing is scheduled there
+#   recover NODE  its slurmd starts again and the node returns to service
 set -euo pipefail
 DIR=${SLURM_LOCAL_DIR:-/tmp/cifar-dist-slurm}
 CONF=$DIR/slurm.conf
@@ -98,10 +101,24 @@ down() {
   echo "down ($DIR)"
 }
 
+fail() {
+  local node=${1:?usage: $0 fail NODE}
+  stop_pidfile "$DIR/slurmd-$node.pid"
+  scontrol update nodename="$node" state=down reason="local-cluster.sh fail"
+}
+
+recover() {
+  local node=${1:?usage: $0 recover NODE}
+  /usr/sbin/slurmd -N "$node" -f "$CONF"
+  scontrol update nodename="$node" state=resume 2>/dev/null || true  # already back (ReturnToService=2)
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
   status) sinfo -N; squeue ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  fail) fail "${2:-}" ;;
+  recover) recover "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|env|fail NODE|recover NODE" >&2; exit 2 ;;
 esac

@@ -6,9 +6,12 @@
 # "--nproc 4" or "--backend ddp") go in $LAUNCHER_ARGS; the Python that runs it in $PYTHON.
 # Before the time limit (or at preemption) SLURM sends USR1: training checkpoints, the job requeues
 # itself and resumes from that checkpoint in the same output directory (default runs/slurm-<job id>).
+# A node that fails requeues the job too (--requeue), from the last epoch's checkpoint. Submitted with a
+# range, e.g. --nodes=1-2, it starts on as many nodes as are free and may come back on fewer: training
+# resumes on whatever world size it gets. (No --ntasks-per-node here: in the allocation it would make
+# SLURM take the fewest nodes of a range; srun below starts one task per node.)
 #SBATCH --job-name=cifar-dist
 #SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
 #SBATCH --signal=B:USR1@180

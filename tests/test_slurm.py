@@ -75,6 +75,33 @@ def test_launcher_failures_are_one_line_not_a_hang(tmp_path, case, text):
     assert r.stderr.strip().count("\n") == 0 and text in r.stderr, r.stderr
 
 
+def test_max_restarts_goes_through_torch_elastic_even_for_one_process(tmp_path):
+    r = launcher(["--dry-run", "--max-restarts", "3", "--", "--dataset", "synthetic"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in r.stdout  # a fresh store for every restart
+    assert "--multi_gpu --num_processes 1 " in r.stdout and "--max_restarts 3 --rdzv_backend c10d " in r.stdout
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--nproc", "0"], "argument --nproc: must be at least 1, got 0"),
+    (["--nproc", "two"], "argument --nproc: 'two' is not an integer"),
+    (["--max-restarts", "-1"], "argument --max-restarts: must be at least 0, got -1"),
+    (["--backend", "horovod"], "argument --backend: invalid choice: 'horovod'"),
+])
+def test_launcher_options_out_of_range_are_refused_not_replaced(tmp_path, main_in_process, args, text):
+    from launcher.launch import main
+
+    code, err = main_in_process(main, [*args, "--dry-run", "--", "--dataset", "synthetic"])
+    assert code == 2 and err.strip().count("\n") == 0 and text in err, err
+
+
+def test_an_unusable_master_port_is_refused(tmp_path, main_in_process):
+    from launcher.launch import main
+
+    code, err = main_in_process(main, ["--dry-run", "--", "--dataset", "synthetic"], MASTER_PORT="80")
+    assert code == 2 and "port 80 is not usable" in err, err
+
+
 # --- a real cluster ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -159,3 +186,27 @@ def test_tune_job_on_two_nodes_runs_a_search(cluster, tmp_path):
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "2 Ray nodes up" in log and "Ray stopped" in log
     assert (out / "best.yaml").is_file() and len((out / "results.csv").read_text().splitlines()) == 3
+
+
+def test_a_failed_node_requeues_the_job_onto_the_node_left(cluster, tmp_path):
+    """Submitted on a range (--nodes=1-2) it starts on both nodes; n2 dies (its slurmd stops, the controller
+    marks it down): SLURM requeues the job, which comes back on n1 alone and resumes there, 2 processes'
+    checkpoint on 1, every epoch once. (Last in this module: n2 is brought back afterwards.)"""
+    e, _ = cluster
+    out = tmp_path / "run"
+    j = sbatch(cluster, "train.sh", ["--nodes=1-2", "--cpus-per-task=1"],
+               [*TINY_MODEL, "--sync-bn", "--epochs", "4", "--log-every", "1", "--output-dir", str(out)], tmp_path)
+    assert wait_for_file(out / "checkpoints" / "epoch-0001", timeout=240, poll=0.1)
+    assert job(cluster, j)["NodeList"] == "n[1-2]"
+    cluster_sh = [str(ROOT / "slurm" / "local-cluster.sh")]
+    try:
+        subprocess.run([*cluster_sh, "fail", "n2"], env=e, check=True, timeout=60)
+        info = wait_for(cluster, j, timeout=360)
+    finally:
+        subprocess.run([*cluster_sh, "recover", "n2"], env=e, timeout=60)
+    log = (tmp_path / f"slurm-{j}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NodeList"] == "n1", log[-3000:]
+    assert "saved by 2 process(es), resumed on 1" in log
+    assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4]  # every epoch exactly once
+    s = summary(out)
+    assert s["world_size"] == 1 and s["resumes"][0]["saved_by"] == 2
