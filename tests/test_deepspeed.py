@@ -10,15 +10,15 @@ pytestmark = pytest.mark.timeout(400)
 FP32 = [*TINY_MODEL, "--mixed-precision", "no"]  # the launcher's configs leave the precision to train.py (auto)
 
 
-def ds_cmd(config: str, args: list[str]) -> list[str]:
+def ds_cmd(config: str, args: list[str], nproc: int = 2) -> list[str]:
     # No ACCELERATE_USE_CPU here: it would silently turn DeepSpeed into plain DDP.
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launcher" / config),
-            "--num_processes", "2", "--main_process_port", str(free_port()), str(ROOT / "cifar_dist" / "train.py"),
+            "--num_processes", str(nproc), "--main_process_port", str(free_port()), str(ROOT / "cifar_dist" / "train.py"),
             *args]
 
 
-def deepspeed_run(args, cwd, config="deepspeed-zero2.yaml", timeout=300):
-    return subprocess.run(ds_cmd(config, args), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def deepspeed_run(args, cwd, config="deepspeed-zero2.yaml", timeout=300, nproc=2):
+    return subprocess.run(ds_cmd(config, args, nproc), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp(tmp_path):
@@ -49,6 +49,11 @@ def test_killed_zero2_run_resumes_from_its_deepspeed_checkpoint(tmp_path):
     assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=200)
     kill_tree(proc)  # the launcher, torchrun's agent and both ranks (the agent starts ranks in new sessions)
     assert not (out / "summary.json").exists()
+    # ZeRO's optimizer shards cannot be repartitioned: another world size is refused, the run untouched
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    r = deepspeed_run([*args, str(out)], tmp_path, nproc=1)
+    assert r.returncode != 0 and "was saved by 2 DeepSpeed processes and ZeRO cannot repartition" in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
     r = deepspeed_run([*args, str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
