@@ -110,6 +110,8 @@ class Config:
     output_dir: str = setting("", "where results and checkpoints go; default runs/<preset>-<timestamp>", "record")
     keep_checkpoints: int = setting(2, "keep the last K epoch checkpoints", "record")
     log_every: int = setting(50, "update the progress bar every N steps (each update syncs the device)", "record")
+    progress_seconds: float = setting(10.0, "when the output is not a terminal (a job log): a progress line about "
+                                            "every tenth of an epoch, at most one per N seconds", "record")
 
 
 # What makes a run "the same run" (the run-directory guard refuses a change of these), and what may
@@ -134,6 +136,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
     if not math.isfinite(cfg.head_lr_scale) or cfg.head_lr_scale < 0:
         raise ConfigError(f"head_lr_scale must be >= 0, got {cfg.head_lr_scale}")
+    if not math.isfinite(cfg.progress_seconds) or cfg.progress_seconds < 0:
+        raise ConfigError(f"progress_seconds must be >= 0, got {cfg.progress_seconds}")
     if not math.isfinite(cfg.norm_lr_scale) or cfg.norm_lr_scale <= 0:
         raise ConfigError(f"norm_lr_scale must be positive, got {cfg.norm_lr_scale}")
     try:

@@ -19,16 +19,16 @@ if __package__ in (None, ""):  # run as a script: the package comes from the ins
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from cifar_dist import data as D
-from cifar_dist import flops, pictures, tracking
+from cifar_dist import flops, machine, pictures, tracking
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
 from cifar_dist.distributed import (configure_deepspeed, make_accelerator, rank_digests, sync_batchnorm,
                                    uses_deepspeed)
 from cifar_dist.evaluate import evaluate
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
 from cifar_dist.optim import Lookahead, make_optimizer, make_scheduler
+from cifar_dist.progress import Progress
 from cifar_dist.rundir import (Preemption, TrainState, checkpoints, elastic_restarts, finished_summary, hold,
                                output_dir, resume, save_checkpoint, save_preempted, save_results, write_metrics)
 
@@ -261,8 +261,8 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
     # alone carries them on (the world may have another size after a requeue)
     sums = torch.tensor(state.partial[:3] if rank == 0 else [0.0] * 3, device=device, dtype=torch.float64)
     start, state.batch, state.partial = state.batch, 0, [0.0] * 4
-    bar = tqdm(initial=start, total=run.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (accelerator.is_local_main_process and sys.stderr.isatty()))
+    bar = Progress(accelerator.is_main_process, f"epoch {epoch + 1}/{cfg.epochs}", run.steps_per_epoch, start,
+                   cfg.batch_size, cfg.progress_seconds)
     batches = D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean, start)
     for i, batch in enumerate(batches):
         loss, logits = step(run, batch.images, batch.labels)
@@ -277,7 +277,7 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
                 state.partial = [*accelerator.reduce(sums, "sum").tolist(), time.perf_counter() - t0]
                 return None
         if accelerator.sync_gradients:
-            bar.update(1)
+            bar.step(sums)
     bar.close()
     return [*accelerator.reduce(sums, "sum").tolist(), t0]
 
@@ -310,7 +310,7 @@ def step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return loss, logits
 
 
-def check_in(run: Run, loss: torch.Tensor, preemption: Preemption, bar: tqdm, epoch: int) -> bool:
+def check_in(run: Run, loss: torch.Tensor, preemption: Preemption, bar: Progress, epoch: int) -> bool:
     """Every log_every steps, on every rank alike (one host sync): log the loss, stop on NaN, and say
     whether any rank was signalled, so all ranks stop at the same step."""
     accelerator = run.accelerator
@@ -322,7 +322,7 @@ def check_in(run: Run, loss: torch.Tensor, preemption: Preemption, bar: tqdm, ep
     if signalled > 0:
         return True
     lr = run.scheduler.get_last_lr()[0]
-    bar.set_postfix(loss=f"{current:.3f}", lr=f"{lr:.4g}")
+    bar.show(loss=f"{current:.3f}", lr=f"{lr:.4g}")
     accelerator.log({"train/step_loss": current, "train/lr": lr}, step=run.state.step)
     return False
 
@@ -405,7 +405,9 @@ def finish(run: Run) -> dict[str, Any]:
 def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> dict[str, Any]:
     """summary.json: the config, final and best accuracy per split, FLOPs, the machine and the world."""
     cfg, accelerator, history = run.cfg, run.accelerator, run.state.history
-    summary: dict[str, Any] = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg))
+    summary: dict[str, Any] = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg), main_split=run.main,
+                                   classes=run.data.classes, images=dict(train=len(run.train_set),
+                                                                         **{n: len(s) for n, s in run.evals.items()}))
     for name in run.evals:
         summary[f"{name}_acc"] = history[-1][f"{name}_acc"]
         summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in history if f"{name}_acc" in m)
@@ -413,7 +415,8 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
     summary.update(epochs_completed=run.state.epoch, params=run.size[0], model_bytes=run.size[1],
                    world_size=accelerator.num_processes, mixed_precision=run.choices["mixed_precision"],
                    precision_probe=run.choices["precision_probe"], cpu_threads=run.choices["cpu_threads"],
-                   device=accelerator.device.type, total_seconds=run.state.seconds,
+                   device=accelerator.device.type, hardware=machine.hardware(accelerator.device),
+                   total_seconds=run.state.seconds,
                    distributed_type=str(accelerator.distributed_type), engine=type(run.model).__name__,
                    rank_weight_digests=digests, restarts=elastic_restarts(), resumes=run.state.resumes,
                    **{f"per_class_{run.main}_acc": per_class},

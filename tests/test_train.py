@@ -209,3 +209,21 @@ def test_compiled_run_matches_eager_and_its_checkpoints_load_without_compile(tmp
     r = run_train([*args, "--epochs", "2", "--no-compile", "--output-dir", str(compiled)], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and [m["epoch"] for m in metrics(compiled)] == [1, 2]
+
+
+def test_a_run_logged_to_a_file_shows_progress_lines_between_epoch_lines(tmp_path, tiny_args):
+    """Output to a file (a job log): no bar, and plain progress lines about every tenth of an epoch (here
+    without the few seconds' spacing, --progress-seconds 0), between the epoch lines."""
+    log = tmp_path / "log.txt"
+    with log.open("w") as f:
+        r = subprocess.run([sys.executable, "-m", "cifar_dist.train", *tiny_args, "--epochs", "2", "--progress-seconds",
+                            "0", "--output-dir", str(tmp_path / "run")], cwd=tmp_path, env=env(), stdout=f,
+                           stderr=subprocess.STDOUT, timeout=240)
+    assert r.returncode == 0, log.read_text()[-2000:]
+    lines = log.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("epoch   1/2 |"))
+    second = next(i for i, line in enumerate(lines) if line.startswith("epoch   2/2 |"))
+    between = [line for line in lines[first:second] if line.startswith("  epoch 2/2 step ")]
+    assert len(between) == 9  # 20 steps: every 2nd but the last
+    assert all("| loss " in line and " img/s | " in line and "s left in the epoch" in line for line in between)
+    assert "\r" not in log.read_text()  # no progress bar in a file
