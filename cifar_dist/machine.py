@@ -195,6 +195,14 @@ def probe_key(cfg: Config, batch: int) -> str:
             f"{torch.get_num_threads()} threads|batch {batch}|channels_last {cfg.channels_last}|model {spec}")
 
 
+def hardware(device: torch.device) -> str:
+    """The machine a run trained on, in words: the GPU's name, or the CPU's and its cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} GPU on this node)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu_name()}, {cores} cores (torch CPU capability {torch.backends.cpu.get_cpu_capability()})"
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform says."""
     try:

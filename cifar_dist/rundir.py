@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
+from cifar_dist.card import model_card
 from cifar_dist.config import IDENTITY, Config, ConfigError, load_yaml, to_dict
 
 
@@ -187,9 +188,11 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 
 def save_results(accelerator: Accelerator, model: torch.nn.Module, out: Path, summary: dict[str, Any]) -> None:
-    """Main process: model.pt (CPU tensors: loads anywhere), then summary.json, which marks the run done."""
+    """Main process: model.pt (CPU tensors: loads anywhere), model_card.md, then summary.json, which marks
+    the run done."""
     weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
     accelerator.save(weights, out / "model.pt")
+    write_atomic(out / "model_card.md", model_card(summary))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
