@@ -36,11 +36,12 @@ class Config:
                           choices=tuple(RECIPES))
     model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "the architecture", "role": "identity"})
     # data
-    dataset: Literal["cifar10", "synthetic"] = setting(
-        "cifar10", "CIFAR-10 from --data-dir, or a generated set for smoke runs", "identity")
-    data_dir: str = setting("", "CIFAR-10 folder (binary or python layout); default $CIFAR10_DIR, then ./data",
-                            "machine")
-    download: bool = setting(False, "download CIFAR-10 into --data-dir with torchvision if missing", "machine")
+    dataset: Literal["cifar10", "cifar100", "synthetic"] = setting(
+        "cifar10", "CIFAR-10 or CIFAR-100 (fine labels) from --data-dir, or a generated set for smoke runs; the "
+                   "model gets the dataset's number of classes unless --num-classes says otherwise", "identity")
+    data_dir: str = setting("", "the dataset's folder (binary or python layout); default $CIFAR10_DIR (CIFAR-100: "
+                                "$CIFAR100_DIR), then ./data", "machine")
+    download: bool = setting(False, "download the dataset into --data-dir with torchvision if missing", "machine")
     train_subset: int = setting(0, "use only the first N training images (0: all)", "identity")
     test_subset: int = setting(0, "use only the first N test images (0: all)")
     val_size: int = setting(0, "hold out N training images (fixed by --seed) as a validation set", "identity")
@@ -113,6 +114,8 @@ class Config:
     progress_seconds: float = setting(10.0, "when the output is not a terminal (a job log): a progress line about "
                                             "every tenth of an epoch, at most one per N seconds", "record")
 
+
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}  # what a model is built for by default
 
 # What makes a run "the same run" (the run-directory guard refuses a change of these), and what may
 # differ between two runs with the same result (a benchmark reuses a finished run across these).
@@ -260,6 +263,8 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
     _apply(cfg, RECIPES[recipe], f"recipe {recipe}")
     for values, source in layers:
         _apply(cfg, values, source)
+    if not any("num_classes" in {**values, **(values.get("model") or {})} for values, _ in layers):
+        cfg.model.num_classes = DATASET_CLASSES[cfg.dataset] if cfg.dataset in DATASET_CLASSES else 10
     check_config(cfg)
     return cfg
 

@@ -1,14 +1,16 @@
-"""CIFAR-10 as uint8 tensors on the training device, augmented there in batches.
+"""CIFAR-10 and CIFAR-100 as uint8 tensors on the training device, augmented there in batches.
 
 Reads the official binary layout (`cifar-10-batches-bin/`, our reader: torchvision has none) or the
-python layout (`cifar-10-batches-py/`, torchvision's `CIFAR10`), validating every file; or generates a
-small synthetic set with a learnable class signal. No per-image PIL work: crops and flips are done on
+python layout (`cifar-10-batches-py/`, torchvision's `CIFAR10`), validating every file; CIFAR-100's
+(`cifar-100-binary/`, `cifar-100-python/`: fine labels) likewise; or generates a small synthetic set with
+a learnable class signal. No per-image PIL work: crops and flips are done on
 whole batches, on the device.
 """
 from __future__ import annotations
 
 import functools
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -113,9 +115,9 @@ def read_py(folder: Path, train: bool, records: int | None = PER_FILE) -> Split:
     return _split(ds.data.transpose(0, 3, 1, 2).reshape(len(ds.data), -1), np.asarray(ds.targets), folder)
 
 
-def _split(pixels: np.ndarray, labels: np.ndarray, path: Path) -> Split:
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{path} has label {int(labels.max())}, outside 0..9: not CIFAR-10")
+def _split(pixels: np.ndarray, labels: np.ndarray, path: Path, classes: int = 10) -> Split:
+    if labels.size and labels.max() >= classes:
+        raise DataError(f"{path} has label {int(labels.max())}, outside 0..{classes - 1}: not CIFAR-{classes}")
     images = torch.from_numpy(np.ascontiguousarray(pixels).reshape(-1, 3, 32, 32))
     return Split(images, torch.from_numpy(labels.astype(np.int64)))
 
@@ -148,13 +150,72 @@ def load_cifar10(root: Path, records: int | None = PER_FILE) -> tuple[Split, Spl
     return train, test, classes if len(classes) == 10 else CLASSES
 
 
-def download(root: Path) -> None:
+# --- CIFAR-100 (fine labels) ------------------------------------------------------------------------
+
+C100_RECORD = 2 + 3 * 32 * 32  # binary layout: coarse label byte, fine label byte, pixels
+C100_RECORDS = {"train": 50000, "test": 10000}
+
+
+def read_bin100(path: Path, records: int) -> Split:
+    """train.bin or test.bin of `cifar-100-binary/`: the fine label of each record."""
+    if not path.is_file():
+        raise DataError(f"missing CIFAR-100 file {path}")
+    if (size := path.stat().st_size) != records * C100_RECORD:
+        raise DataError(f"{path} has {size} bytes, expected {records * C100_RECORD} ({records} records of "
+                        f"{C100_RECORD}): truncated or not CIFAR-100")
+    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, C100_RECORD)
+    return _split(raw[:, 2:], raw[:, 1], path, classes=100)
+
+
+def read_py100(path: Path, records: int) -> Split:
+    """train or test of `cifar-100-python/`: a pickled dict with 'data' (N, 3072) and 'fine_labels'."""
+    if not path.is_file():
+        raise DataError(f"missing CIFAR-100 file {path}")
+    try:
+        with path.open("rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        pixels, labels = np.asarray(entry["data"], dtype=np.uint8), np.asarray(entry["fine_labels"])
+    except Exception as e:  # a truncated pickle fails in many ways
+        raise DataError(f"{path} is not a readable CIFAR-100 python file ({type(e).__name__})") from None
+    if len(labels) != records or pixels.shape != (records, 3 * 32 * 32):
+        raise DataError(f"{path} holds {len(labels)} records, expected {records}: truncated or not CIFAR-100")
+    return _split(pixels, labels, path, classes=100)
+
+
+def load_cifar100(root: Path, records: dict[str, int] = C100_RECORDS) -> tuple[Split, Split, list[str]]:
+    """The binary layout (`cifar-100-binary/`) or the python layout (`cifar-100-python/`), under root or
+    root itself; the 100 fine classes."""
+    for folder in (root / "cifar-100-binary", root):
+        if (folder / "train.bin").exists():
+            names = folder / "fine_label_names.txt"
+            classes = [c for c in names.read_text().split() if c] if names.exists() else []
+            train, test = (read_bin100(folder / f"{k}.bin", records[k]) for k in ("train", "test"))
+            return train, test, classes if len(classes) == 100 else [f"class{i}" for i in range(100)]
+    for folder in (root / "cifar-100-python", root):
+        if (folder / "train").exists():
+            train, test = (read_py100(folder / k, records[k]) for k in ("train", "test"))
+            return train, test, _fine_names(folder / "meta")
+    raise DataError(f"no CIFAR-100 in {root}: expected cifar-100-binary/ or cifar-100-python/ "
+                    "(pass --data-dir, set CIFAR100_DIR, or add --download)")
+
+
+def _fine_names(meta: Path) -> list[str]:
+    try:
+        with meta.open("rb") as f:
+            names = list(pickle.load(f, encoding="latin1")["fine_label_names"])
+    except Exception:  # no meta file, or another one: the classes get numbers
+        names = []
+    return names if len(names) == 100 else [f"class{i}" for i in range(100)]
+
+
+def download(root: Path, dataset: str = "cifar10") -> None:
     """The real download path (torchvision's, the python layout); needs the internet."""
     import torchvision
 
     root.mkdir(parents=True, exist_ok=True)
+    reader = torchvision.datasets.CIFAR100 if dataset == "cifar100" else torchvision.datasets.CIFAR10
     for train in (True, False):
-        torchvision.datasets.CIFAR10(str(root), train=train, download=True)
+        reader(str(root), train=train, download=True)
 
 
 # --- the data a run asks for ----------------------------------------------------------------------
@@ -192,8 +253,26 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
-def data_root(data_dir: str) -> Path:
-    return Path(data_dir or os.environ.get("CIFAR10_DIR") or "data").expanduser()
+def data_root(data_dir: str, dataset: str = "cifar10") -> Path:
+    env = "CIFAR100_DIR" if dataset == "cifar100" else "CIFAR10_DIR"
+    return Path(data_dir or os.environ.get(env) or "data").expanduser()
+
+
+def load_files(dataset: str, root: Path, download_if_missing: bool) -> tuple[Split, Split, list[str]]:
+    """CIFAR-10 or CIFAR-100 from root, downloaded first when asked and missing."""
+    load = load_cifar100 if dataset == "cifar100" else load_cifar10
+    name = "CIFAR-100" if dataset == "cifar100" else "CIFAR-10"
+    if download_if_missing:
+        try:
+            return load(root)
+        except DataError as e:
+            if not str(e).startswith("no CIFAR"):
+                raise
+        try:
+            download(root, dataset)
+        except Exception as e:  # no network, a bad archive, a full disk: one line, not a traceback
+            raise DataError(f"downloading {name} into {root} failed: {e}") from None
+    return load(root)
 
 
 def load_data(cfg: Config) -> Data:
@@ -201,16 +280,7 @@ def load_data(cfg: Config) -> Data:
     if cfg.dataset == "synthetic":
         train, test, classes = synthetic()
     else:
-        root = data_root(cfg.data_dir)
-        if cfg.download:
-            try:
-                find_layout(root)
-            except DataError:
-                try:
-                    download(root)
-                except Exception as e:  # no network, a bad archive, a full disk: one line, not a traceback
-                    raise DataError(f"downloading CIFAR-10 into {root} failed: {e}") from None
-        train, test, classes = load_cifar10(root)
+        train, test, classes = load_files(cfg.dataset, data_root(cfg.data_dir, cfg.dataset), cfg.download)
     val = None
     if cfg.val_size:
         if cfg.val_size >= len(train):

@@ -37,7 +37,7 @@ class ModelSpec:
                                                                "(the tutorial: second)")
     relu_after_add: bool = setting(True, "activation after each residual add (the tutorial's 2-block net: none)")
     conv_bias: bool = setting(False, "bias in convolutions (the tutorial: nn.Conv2d's default, on)")
-    num_classes: int = setting(10, "number of classes")
+    num_classes: int = setting(10, "number of classes (default: the dataset's, 10 or 100)")
     stem: Literal["conv", "whiten"] = setting("conv", "conv-BN-act, or a frozen patch-whitening conv set from "
                                                       "the data, then act")
     stage: Literal["resnet", "convpool"] = setting("resnet", "strided blocks, or conv, 2x2 max-pool, BN, act, "

@@ -94,15 +94,30 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], 
     return array
 
 
+MAX_ANNOTATED_CLASSES = 20  # beyond, a confusion matrix's cell numbers are unreadable
+
+
 def confusion_figure(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
-    """Confusion matrix (rows: true class, columns: predicted), with per-class accuracy."""
+    """Confusion matrix (rows: true class, columns: predicted), with per-class accuracy. Many classes
+    (CIFAR-100): no numbers in the cells, small labels, and beside it the per-class accuracy sorted."""
     plt = pyplot()
     per_class = matrix.diagonal() / matrix.sum(1).clip(min=1)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    many = len(classes) > MAX_ANNOTATED_CLASSES
+    fig, axes = plt.subplots(1, 2 if many else 1, figsize=(22, 16) if many else (7, 6),
+                             gridspec_kw=dict(width_ratios=[3, 1]) if many else None)
+    ax = axes[0] if many else axes
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), [f"{c} ({a:.0%})" for c, a in zip(classes, per_class)], fontsize=8)
-    for (i, j), v in np.ndenumerate(matrix):
+    size = 4 if many else 8
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if many else 45, ha="center" if many else "right",
+                  fontsize=size)
+    ax.set_yticks(range(len(classes)), [f"{c} ({a:.0%})" for c, a in zip(classes, per_class)], fontsize=size)
+    if many:
+        order = np.argsort(per_class)
+        axes[1].barh(range(len(classes)), per_class[order], color="tab:blue")
+        axes[1].set_yticks(range(len(classes)), [classes[i] for i in order], fontsize=size)
+        axes[1].set_xlim(0, 1)
+        axes[1].set_title("per-class accuracy, sorted")
+    for (i, j), v in np.ndenumerate(matrix) if not many else ():
         ax.text(j, i, int(v), ha="center", va="center", fontsize=7,
                 color="white" if v > matrix.max() / 2 else "black")
     ax.set_xlabel("predicted")

@@ -168,3 +168,33 @@ def assert_one_line_error(code: int, stderr: str, text: str) -> None:
 @pytest.fixture
 def tiny_args() -> list[str]:
     return list(TINY)
+
+
+def write_cifar100(root: Path, layout: str, n_train: int, n_test: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CIFAR-100 in its binary layout (cifar-100-binary/: coarse label byte, fine label byte, R, G, B planes;
+    fine_label_names.txt) or its python layout (cifar-100-python/: pickled dicts with 'data',
+    'fine_labels', 'coarse_labels'; meta with 'fine_label_names'). Random pixels, fine labels 0..99."""
+    rng = np.random.default_rng(100)
+    names = [f"fine{i:02d}" for i in range(100)]
+    folder = root / ("cifar-100-binary" if layout == "bin" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    written = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        fine = (np.arange(n) % 100).astype(np.uint8)
+        rng.shuffle(fine)
+        coarse = fine // 5
+        if layout == "bin":
+            rec = np.concatenate([coarse[:, None], fine[:, None], images.reshape(n, -1)], axis=1)
+            (folder / f"{split}.bin").write_bytes(rec.tobytes())
+        else:
+            with open(folder / split, "wb") as f:
+                pickle.dump({"data": images.reshape(n, -1), "fine_labels": fine.tolist(),
+                             "coarse_labels": coarse.tolist()}, f)
+        written[split] = (images, fine)
+    if layout == "bin":
+        (folder / "fine_label_names.txt").write_text("\n".join(names) + "\n")
+    else:
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": names, "coarse_label_names": [f"coarse{i}" for i in range(20)]}, f)
+    return written

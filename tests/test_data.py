@@ -4,7 +4,7 @@ import torch
 
 from cifar_dist import data as D
 from cifar_dist.config import Config, resolve
-from conftest import write_bin, write_py
+from conftest import write_bin, write_cifar100, write_py
 
 
 @pytest.mark.parametrize("layout, writer", [("cifar-10-batches-bin", write_bin), ("cifar-10-batches-py", write_py)])
@@ -169,3 +169,43 @@ def test_cutout_blanks_one_square_inside_each_image_with_the_mean():
         assert img[:, blank[0]].T.tolist() == [[51, 102, 153]] * 144
         corners.add((int(rows[0]), int(cols[0])))
     assert len(corners) > 20  # placed at random, anywhere inside
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_cifar100_loaders_round_trip_pixels_fine_labels_and_names(tmp_path, layout):
+    written = write_cifar100(tmp_path, layout, 30, 20)
+    train, test, classes = D.load_cifar100(tmp_path, records={"train": 30, "test": 20})
+    assert np.array_equal(train.images.numpy(), written["train"][0])
+    assert np.array_equal(train.labels.numpy(), written["train"][1])  # the fine labels, not the coarse
+    assert np.array_equal(test.images.numpy(), written["test"][0]) and test.labels.max() < 100
+    assert classes == [f"fine{i:02d}" for i in range(100)]
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_cifar100_missing_and_truncated_files_are_named(tmp_path, layout):
+    with pytest.raises(D.DataError, match="no CIFAR-100 in"):
+        D.load_cifar100(tmp_path)
+    write_cifar100(tmp_path, layout, 30, 20)
+    records = {"train": 30, "test": 20}
+    folder = tmp_path / ("cifar-100-binary" if layout == "bin" else "cifar-100-python")
+    name = "test.bin" if layout == "bin" else "test"
+    (folder / name).write_bytes((folder / name).read_bytes()[:-500])
+    expected = "test.bin has 60980 bytes, expected 61480" if layout == "bin" else "test is not a readable CIFAR-100"
+    with pytest.raises(D.DataError, match=expected):
+        D.load_cifar100(tmp_path, records=records)
+    (folder / name).unlink()
+    with pytest.raises(D.DataError, match=f"missing CIFAR-100 file .*{name}"):
+        D.load_cifar100(tmp_path, records=records)
+    with pytest.raises(D.DataError, match="train.* expected 50000|train.bin has .* expected 153700000"):
+        D.load_cifar100(tmp_path)  # the official sizes are the default expectation
+
+
+def test_cifar100_builds_every_preset_with_100_classes():
+    from cifar_dist.model import build_model
+    from cifar_dist.recipes import PRESETS
+
+    for preset in PRESETS:
+        cfg = resolve(["--preset", preset, "--dataset", "cifar100"])
+        assert cfg.model.num_classes == 100
+        assert build_model(cfg.model)(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert resolve(["--dataset", "cifar100", "--num-classes", "128"]).model.num_classes == 128

@@ -227,3 +227,25 @@ def test_a_run_logged_to_a_file_shows_progress_lines_between_epoch_lines(tmp_pat
     assert len(between) == 9  # 20 steps: every 2nd but the last
     assert all("| loss " in line and " img/s | " in line and "s left in the epoch" in line for line in between)
     assert "\r" not in log.read_text()  # no progress bar in a file
+
+
+@pytest.mark.parametrize("layout", ["bin", "py"])
+def test_a_short_cifar100_run_trains_and_writes_readable_pictures(tmp_path, tiny_args, layout):
+    """Full-size generated CIFAR-100 files (the loaders insist on the official record counts), a subset
+    trained: the model has 100 outputs, every picture is written, the confusion matrix in its 100-class form."""
+    from PIL import Image
+
+    from conftest import write_cifar100
+
+    write_cifar100(tmp_path / "c100", layout, 50000, 10000)
+    out = tmp_path / "run"
+    r = run_train([*tiny_args, "--dataset", "cifar100", "--data-dir", str(tmp_path / "c100"), "--train-subset", "1000",
+                   "--test-subset", "500", "--epochs", "1", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = summary(out)
+    assert s["config"]["dataset"] == "cifar100" and s["config"]["model"]["num_classes"] == 100
+    assert s["classes"] == [f"fine{i:02d}" for i in range(100)] and len(s["per_class_test_acc"]) == 100
+    for picture in ("samples.png", "confusion_matrix.png", "curves.png"):
+        assert (out / picture).stat().st_size > 10_000, picture
+    assert Image.open(out / "confusion_matrix.png").size[0] > 2000  # the wide 100-class form, beside the sorted bars
+    assert "cifar100: 1,000 training images" in (out / "model_card.md").read_text()

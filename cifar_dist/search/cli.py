@@ -90,7 +90,7 @@ def check_args(args: argparse.Namespace) -> None:
 def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """What every trial shares: data, budget, and honest evaluation (validation only). Paths are made
     absolute: Ray runs each trial in a working directory of its own."""
-    data_dir = str(data_root(args.data_dir).resolve()) if args.dataset == "cifar10" else args.data_dir
+    data_dir = str(data_root(args.data_dir, args.dataset).resolve()) if args.dataset != "synthetic" else args.data_dir
     return dict(dataset=args.dataset, data_dir=data_dir, train_subset=args.train_subset, val_size=args.val_size,
                 eval_test=False, eval_every=1, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
                 mixed_precision=args.mixed_precision, tracker=args.tracker, group=name,
