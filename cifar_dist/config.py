@@ -111,7 +111,7 @@ class Config:
     output_dir: str = setting("", "where results and checkpoints go; default runs/<preset>-<timestamp>", "record")
     keep_checkpoints: int = setting(2, "keep the last K epoch checkpoints", "record")
     log_every: int = setting(50, "update the progress bar every N steps (each update syncs the device)", "record")
-    progress_seconds: float = setting(10.0, "when the output is not a terminal (a job log): a progress line about "
+    progress_seconds: float = setting(5.0, "when the output is not a terminal (a job log): a progress line about "
                                             "every tenth of an epoch, at most one per N seconds", "record")
 
 
