@@ -116,23 +116,28 @@ def check(world: World) -> None:
 def command(world: World, backend: str, train_args: list[str],
             max_restarts: int = 0) -> tuple[dict[str, str], list[str]]:
     """The environment additions and the `accelerate launch` command for this node. Restarts need torch
-    elastic's agent, so they take the multi-process path even for one process."""
+    elastic's agent: several processes get it through accelerate launch; one process (which accelerate
+    launch starts without an agent, and will not give --multi_gpu) gets torchrun itself."""
     deepspeed = is_deepspeed(backend)
     # CPU DDP: ACCELERATE_USE_CPU with --multi_gpu (--cpu would start ONE process per node). Not for
     # DeepSpeed, which that variable silently turns into plain DDP; its config names the distribution.
     env = {} if world.gpu or deepspeed else {"ACCELERATE_USE_CPU": "1"}
+    if max_restarts:
+        # Each restart needs a fresh store for the ranks to meet in: in the agent's own store (static
+        # rendezvous, or c10d's shared one) a restarted rank may read a dead rank's address and fail to
+        # connect (pytorch#135712). c10d without sharing gives the workers a new store every round.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        if world.processes == 1 and not deepspeed:
+            return env, [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1",
+                         "--max-restarts", str(max_restarts), "--rdzv-backend", "c10d",
+                         "--rdzv-endpoint", f"{world.head}:{world.port}", str(TRAIN), *train_args]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(BACKENDS[backend])]
-    if world.processes > 1 or deepspeed or max_restarts:
+    if world.processes > 1 or deepspeed:
         cmd += [] if deepspeed else ["--multi_gpu"]
         cmd += ["--num_processes", str(world.processes), "--num_machines", str(world.machines),
                 "--machine_rank", str(world.rank), "--main_process_ip", world.head,
                 "--main_process_port", str(world.port)]
-        if max_restarts:
-            # Each restart needs a fresh store for the ranks to meet in: in the agent's own store (static
-            # rendezvous, or c10d's shared one) a restarted rank may read a dead rank's address and fail to
-            # connect (pytorch#135712). c10d without sharing gives the workers a new store every round.
-            cmd += ["--max_restarts", str(max_restarts), "--rdzv_backend", "c10d"]
-            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        cmd += ["--max_restarts", str(max_restarts), "--rdzv_backend", "c10d"] if max_restarts else []
     else:
         cmd += ["--num_processes", "1", "--num_machines", "1"]
     return env, cmd + [str(TRAIN), *train_args]

@@ -75,11 +75,17 @@ def test_launcher_failures_are_one_line_not_a_hang(tmp_path, case, text):
     assert r.stderr.strip().count("\n") == 0 and text in r.stderr, r.stderr
 
 
-def test_max_restarts_goes_through_torch_elastic_even_for_one_process(tmp_path):
-    r = launcher(["--dry-run", "--max-restarts", "3", "--", "--dataset", "synthetic"], tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in r.stdout  # a fresh store for every restart
-    assert "--multi_gpu --num_processes 1 " in r.stdout and "--max_restarts 3 --rdzv_backend c10d " in r.stdout
+def test_max_restarts_goes_through_torch_elastic_with_a_fresh_store_every_restart(tmp_path):
+    """Several processes: accelerate launch's torch elastic; one process: torchrun itself (accelerate launch
+    gives one process no agent, and refuses it --multi_gpu). That both really restart a killed worker is
+    tests/test_elastic.py's."""
+    one = launcher(["--dry-run", "--max-restarts", "3", "--", "--dataset", "synthetic"], tmp_path)
+    two = launcher(["--dry-run", "--nproc", "2", "--max-restarts", "3", "--", "--dataset", "synthetic"], tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    for r in (one, two):
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in r.stdout  # a fresh store for every restart
+    assert "-m torch.distributed.run --nnodes 1 --nproc-per-node 1 --max-restarts 3 --rdzv-backend c10d " in one.stdout
+    assert "--multi_gpu --num_processes 2 " in two.stdout and "--max_restarts 3 --rdzv_backend c10d " in two.stdout
 
 
 @pytest.mark.parametrize("args, text", [
