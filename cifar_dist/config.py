@@ -263,7 +263,8 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
     _apply(cfg, RECIPES[recipe], f"recipe {recipe}")
     for values, source in layers:
         _apply(cfg, values, source)
-    if not any("num_classes" in {**values, **(values.get("model") or {})} for values, _ in layers):
+    given = {k.replace("-", "_") for values, _ in layers for k in [*values, *(values.get("model") or {})]}
+    if "num_classes" not in given:
         cfg.model.num_classes = DATASET_CLASSES[cfg.dataset] if cfg.dataset in DATASET_CLASSES else 10
     check_config(cfg)
     return cfg

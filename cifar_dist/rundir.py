@@ -26,8 +26,9 @@ class TrainState:
     Every resume is recorded (where, on how many processes, after how many elastic restarts).
 
     No random state: training draws nothing from the global generators (the data's draws are a function
-    of seed and epoch, `data.epoch_plan`), so the per-process RNG files Accelerate writes are not needed,
-    and a resume on more processes than saved them (which finds no file for the new ranks) changes nothing."""
+    of seed and epoch, `data.epoch_plan`), so the per-process RNG files Accelerate writes restore nothing
+    that matters, and a resume on more processes than saved them (which finds no file for the new ranks)
+    changes nothing. They serve only to count the processes that saved a checkpoint (`saved_by`)."""
 
     FIELDS = ("epoch", "step", "seconds", "history", "batch", "partial", "resumes")
 
@@ -107,9 +108,13 @@ def hold(out: Path, accelerator: Accelerator) -> IO[str] | None:
 
 
 def take_lock(out: Path) -> tuple[IO[str] | None, str | None]:
-    """(the held lock file, None), or (None, why not) when a live process holds it."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK, "a+")  # created if missing; an existing one is opened unchanged
+    """(the held lock file, None), or (None, why not): a live process holds it, or the file system gives
+    no lock (an NFS mount without locking, a read-only folder)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")  # created if missing; an existing one is opened unchanged
+    except OSError as e:
+        return None, f"cannot lock output dir {out}: {e.strerror or e}"
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -118,6 +123,9 @@ def take_lock(out: Path) -> tuple[IO[str] | None, str | None]:
         handle.close()
         return None, (f"output dir {out} is in use by a live run ({holder}); wait for it to end or use another "
                       "--output-dir (nothing was changed)")
+    except OSError as e:
+        handle.close()
+        return None, f"cannot lock output dir {out} ({e.strerror or e}); use a folder on a file system with locks"
     handle.truncate(0)
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
     handle.flush()
@@ -213,7 +221,7 @@ def resume(accelerator: Accelerator, path: Path, optimizer: torch.optim.Optimize
     checkpoint (one copy of the model and optimizer); returns the number of processes that saved it."""
     wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     saved, world = saved_by(path), accelerator.num_processes
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and saved != world:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and saved and saved != world:
         raise ConfigError(f"checkpoint {path} was saved by {saved} DeepSpeed processes and ZeRO cannot "
                           f"repartition its optimizer shards for {world}; resume on {saved} processes")
     try:

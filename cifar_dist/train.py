@@ -416,6 +416,7 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
                    world_size=accelerator.num_processes, mixed_precision=run.choices["mixed_precision"],
                    precision_probe=run.choices["precision_probe"], cpu_threads=run.choices["cpu_threads"],
                    device=accelerator.device.type, hardware=machine.hardware(accelerator.device),
+                   deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
                    total_seconds=run.state.seconds,
                    distributed_type=str(accelerator.distributed_type), engine=type(run.model).__name__,
                    rank_weight_digests=digests, restarts=elastic_restarts(), resumes=run.state.resumes,

@@ -145,6 +145,7 @@ def test_deterministic_kernels_name_an_op_without_one_in_one_line_once(capsys):
     import torch
     from torch._prims_common import alert_not_deterministic
 
+    had_cublas = "CUBLAS_WORKSPACE_CONFIG" in os.environ
     machine.use_deterministic_kernels(True)
     try:
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
@@ -153,6 +154,8 @@ def test_deterministic_kernels_name_an_op_without_one_in_one_line_once(capsys):
         alert_not_deterministic("median_cuda")
     finally:
         machine.use_deterministic_kernels(False)
+        if not had_cublas:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
     err = capsys.readouterr().err
     assert err.splitlines() == ["--deterministic: median_cuda has no deterministic kernel; results may differ "
