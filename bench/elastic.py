@@ -85,6 +85,10 @@ def uninterrupted(preset: str, train_args: list[str]) -> dict | None:
 
 def main() -> int:
     a = parse_args()
+    if not 2 <= a.kill_epoch <= a.stop_epoch:
+        print(f"bench.elastic: error: --kill-epoch must be in 2..--stop-epoch (a checkpoint before it to resume "
+              f"from), got {a.kill_epoch}", file=sys.stderr)
+        return 2
     out = Path(a.out) / f"{a.preset}-seed-{a.seed}"
     if out.exists():
         print(f"bench.elastic: error: {out} exists; remove it or pass another --out", file=sys.stderr)

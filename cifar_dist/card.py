@@ -62,12 +62,14 @@ def _training(s: dict[str, Any]) -> list[str]:
 
 def _reproduce(s: dict[str, Any]) -> list[str]:
     world, config = s["world_size"], f"{s['config']['output_dir'] or '<this folder>'}/config.yaml"
+    cpu = "ACCELERATE_USE_CPU=1 " if s["device"] == "cpu" else ""  # else accelerate starts one CPU process
     launch = ("python -m cifar_dist.train" if world == 1 else
-              f"accelerate launch --multi_gpu --num_processes {world} cifar_dist/train.py")
+              f"{cpu}accelerate launch --multi_gpu --num_processes {world} cifar_dist/train.py")
     return ["## Train it again", "", "```bash",
             f"{launch} --config {config} --output-dir <a new folder>", "```",
             "On the same machine, world size and thread count the weights come out bit-identical (on GPUs add "
-            "`--deterministic`); on another world size, with `--sync-bn`, equal up to float rounding."]
+            "`--deterministic`); on another world size, with `--sync-bn`, the same global batches and weights within the "
+            "tolerance the README's \"Elastic and reproducible\" measures."]
 
 
 def _flops(n: float) -> str:

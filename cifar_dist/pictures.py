@@ -117,9 +117,10 @@ def confusion_figure(matrix: np.ndarray, classes: list[str]) -> np.ndarray:
         axes[1].set_yticks(range(len(classes)), [classes[i] for i in order], fontsize=size)
         axes[1].set_xlim(0, 1)
         axes[1].set_title("per-class accuracy, sorted")
-    for (i, j), v in np.ndenumerate(matrix) if not many else ():
-        ax.text(j, i, int(v), ha="center", va="center", fontsize=7,
-                color="white" if v > matrix.max() / 2 else "black")
+    if not many:
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, int(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > matrix.max() / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (per-class accuracy)")
     ax.set_title(f"test accuracy {matrix.diagonal().sum() / max(matrix.sum(), 1):.2%}")

@@ -45,11 +45,16 @@ def image_paths(paths: list[Path]) -> list[Path]:
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """(3, 32, 32) floats in [0, 1]: the shorter side scaled to 32, the centre cropped."""
-    from PIL import Image
+    """(3, 32, 32) floats in [0, 1]: upright (EXIF), transparency on white, the shorter side scaled to 32,
+    the centre cropped."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # a phone photo the way up it was shot
+            if image.mode in ("RGBA", "LA", "P"):  # transparency on white, not on whatever colour is under it
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
             image = image.convert("RGB")  # decodes the whole file: a truncated one fails here
     except Exception as e:  # PIL raises many kinds for a bad file
         raise ConfigError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:80]})") from None

@@ -24,8 +24,9 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
 
     def step(self, sums: torch.Tensor) -> None:
-        """After an optimizer step; `sums` holds this process's loss sum and image count so far (reading
-        them syncs the device, once per plain line)."""
+        """After an optimizer step; `sums` holds the main process's loss sum and image count of the epoch so
+        far (after a mid-epoch resume, with the whole world's before it); reading them syncs the device,
+        once per plain line."""
         self.done += 1
         self.bar.update(1)
         if not self.plain or self.done < self.next or self.done >= self.total:

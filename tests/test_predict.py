@@ -120,3 +120,18 @@ def test_model_card_holds_what_the_run_is(trained):
                  f"python -m cifar_dist.train --config {run}/config.yaml", "![loss and accuracy per epoch](curves.png)"):
         assert fact in card, fact
     assert "Traceback" not in card
+
+
+def test_a_phone_photo_is_turned_upright_and_transparency_is_on_white(tmp_path):
+    """EXIF orientation 6 (the camera held sideways): the picture is rotated upright before scaling; a
+    transparent PNG's invisible pixels count as white, not as the colour stored under them."""
+    tall = Image.new("RGB", (64, 32), "blue")  # stored landscape, left half blue, right half red
+    tall.paste((255, 0, 0), (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    tall.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    x = P.load_image(tmp_path / "phone.jpg")  # upright: 32 wide, 64 tall, blue on top; the centre crop straddles
+    assert x[2, 2, 16] > 0.8 and x[0, -3, 16] > 0.8  # blue at the top, red at the bottom: turned, not squashed
+    clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    assert P.load_image(tmp_path / "clear.png").min() > 0.99
