@@ -11,17 +11,15 @@ from pathlib import Path
 
 import torch
 
-from cifar_dist.machine import cpu_name
+from cifar_dist.machine import hardware
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
 def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} ({torch.cuda.device_count()} GPU)"
-    return (f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores (CPU only, torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}")
+    """The machine a figure was measured on: the same words as a run's summary.json and model card."""
+    return f"{hardware(torch.device('cuda' if torch.cuda.is_available() else 'cpu'))}, torch {torch.__version__}"
 
 
 def command() -> str:

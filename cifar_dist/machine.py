@@ -126,7 +126,7 @@ def cpu_threads(cfg: Config) -> tuple[int, str]:
     if user_omp.strip().isdigit() and int(user_omp) > 0:
         return int(user_omp), "OMP_NUM_THREADS"
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return max(1, cores // local_world), f"auto: {cores} cores / {local_world} process(es)"
 
 
@@ -199,8 +199,13 @@ def hardware(device: torch.device) -> str:
     """The machine a run trained on, in words: the GPU's name, or the CPU's and its cores."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} ({torch.cuda.device_count()} GPU on this node)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu_name()}, {cores} cores (torch CPU capability {torch.backends.cpu.get_cpu_capability()})"
+    return (f"{cpu_name()}, {usable_cores()} cores (CPU only, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()})")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def cpu_name() -> str:

@@ -135,10 +135,7 @@ def teardown(accelerator: Accelerator, preemption: Preemption | None, failed: bo
 
 def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str], choices: dict[str, Any]) -> Run:
     """The run directory, the data on the device, the model and its optimisation, and a resume from
-    the latest checkpoint when there is one."""
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    the latest checkpoint when there is one. (The directory exists: `hold` made it, on every rank's behalf.)"""
     set_seed(cfg.seed)
     data, train_set, evals = load_splits(cfg, accelerator)
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
