@@ -110,6 +110,8 @@ class Config:
     seed: int = setting(0, "random seed (weights, data order, augmentation)", "identity")
     output_dir: str = setting("", "where results and checkpoints go; default runs/<preset>-<timestamp>", "record")
     keep_checkpoints: int = setting(2, "keep the last K epoch checkpoints", "record")
+    stop_after: int = setting(0, "stop after epoch N, its checkpoint kept: the same command with a later N (or 0) goes "
+                                 "on from there, with any new optimiser settings; 0: train to the end", "record")
     log_every: int = setting(50, "update the progress bar every N steps (each update syncs the device)", "record")
     progress_seconds: float = setting(5.0, "when the output is not a terminal (a job log): a progress line about "
                                             "every tenth of an epoch, at most one per N seconds", "record")
@@ -148,7 +150,7 @@ def check_config(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for name in ("cpu_threads", "train_subset", "test_subset", "val_size", "crop_padding", "cutout", "feature_maps_every",
-                 "whiten_bias_epochs"):
+                 "whiten_bias_epochs", "stop_after"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.cutout > 32:

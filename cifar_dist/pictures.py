@@ -152,3 +152,49 @@ def curves_figure(history: list[dict]) -> np.ndarray:
     array = figure_to_array(fig)
     plt.close(fig)
     return array
+
+
+def search_figure(reports: dict[str, list[dict]], sizes: dict[str, tuple[int | None, float | None, str]],
+                  best: str | None) -> np.ndarray:
+    """A search at a glance. Left: validation accuracy per trial per epoch, one line per trial, in the
+    order it reported: a PBT exploit (the trial goes on from a top trial's checkpoint) is a dotted jump
+    to a triangle; a trial that stopped early ends in a cross. Right: each trial's last validation
+    accuracy against its parameters, the best one starred. `reports`: trial -> its reports (epoch,
+    val_acc, exploits); `sizes`: trial -> (parameters, last val acc, status)."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (trial, rows) in enumerate(sorted(reports.items())):
+        rows = [r for r in rows if "val_acc" in r]
+        color, wide = colors[i % len(colors)], 2.5 if trial == best else 1.0
+        for life in sorted({r["exploits"] for r in rows}):
+            part = [r for r in rows if r["exploits"] == life]
+            ax1.plot([r["epoch"] for r in part], [100 * r["val_acc"] for r in part], color=color, lw=wide,
+                     marker="o", ms=3, label=trial if life == 0 else None)
+            before = [r for r in rows if r["exploits"] < life]
+            if before:  # the jump: from this trial's last own report to its first on the copied weights
+                ax1.plot([before[-1]["epoch"], part[0]["epoch"]], [100 * before[-1]["val_acc"], 100 * part[0]["val_acc"]],
+                         color=color, ls=":", lw=1)
+                ax1.plot(part[0]["epoch"], 100 * part[0]["val_acc"], "^", color=color, ms=8)
+        if rows and sizes.get(trial, (None, None, ""))[2] == "stopped early":
+            ax1.plot(rows[-1]["epoch"], 100 * rows[-1]["val_acc"], "x", color=color, ms=9, mew=2)
+    ax1.plot([], [], "k^", label="exploit: copied a top trial")
+    ax1.plot([], [], "kx", label="stopped early")
+    ax1.set(xlabel="epoch", ylabel="validation accuracy (%)", title="validation accuracy per trial")
+    ax1.xaxis.get_major_locator().set_params(integer=True)
+    ax1.legend(fontsize=7, ncol=2)
+    points = [(trial, p, acc) for trial, (p, acc, _) in sizes.items() if p and acc is not None]
+    for trial, p, acc in points:
+        ax2.scatter(p, 100 * acc, s=160 if trial == best else 30, marker="*" if trial == best else "o",
+                    color="tab:red" if trial == best else "tab:blue", zorder=3)
+        if trial == best:
+            ax2.annotate(f"best {trial}: {acc:.2%}", (p, 100 * acc), textcoords="offset points", xytext=(6, 6),
+                         fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set(xlabel="parameters", ylabel="last validation accuracy (%)", title="accuracy against model size")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    array = figure_to_array(fig)
+    plt.close(fig)
+    return array

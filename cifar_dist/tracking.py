@@ -37,6 +37,33 @@ def _wandb_has_key() -> bool:
         return False
 
 
+def offline_without_key(out: Path, announce: bool) -> None:
+    """No API key and no WANDB_MODE: W&B logs offline, and says where to sync from."""
+    if not _wandb_has_key() and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+        if announce:
+            where = f"{os.environ.get('WANDB_DIR', out)}/wandb/offline-run-*"
+            print(f"W&B: no API key and no WANDB_MODE set: logging offline (upload later with `wandb sync {where}`)",
+                  flush=True)
+
+
+def log_search(names: list[str], folder: Path, group: str, images: dict[str, np.ndarray],
+               rows: list[dict[str, Any]]) -> None:
+    """A finished search as a W&B run of its own (job type "search") in the group of its trials' runs:
+    its pictures and its results table."""
+    if "wandb" not in names:
+        return
+    import wandb
+
+    offline_without_key(folder, True)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), group=group, name=f"{group}-search",
+                     job_type="search", **({} if os.environ.get("WANDB_DIR") else {"dir": str(folder)}))
+    table = wandb.Table(columns=keys, data=[[row.get(k) for k in keys] for row in rows])
+    run.log({**{k: wandb.Image(v) for k, v in images.items()}, "results": table})
+    run.finish()
+
+
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config -> flat scalars (TensorBoard's hparams take no lists or dicts)."""
     flat: dict[str, Any] = {}
@@ -55,12 +82,7 @@ def start(accelerator: Accelerator, names: list[str], config: dict[str, Any], ou
         return
     kwargs: dict[str, dict[str, Any]] = {}
     if "wandb" in names:
-        if not _wandb_has_key() and "WANDB_MODE" not in os.environ:
-            os.environ["WANDB_MODE"] = "offline"
-            if accelerator.is_main_process:
-                where = f"{os.environ.get('WANDB_DIR', out)}/wandb/offline-run-*"
-                print(f"W&B: no API key and no WANDB_MODE set: logging offline (upload later with `wandb sync {where}`)",
-                      flush=True)
+        offline_without_key(out, accelerator.is_main_process)
         id_file = out / "wandb_run_id"
         if accelerator.is_main_process and not id_file.exists():
             id_file.write_text(secrets.token_hex(4))  # W&B run ids: short lowercase alphanumerics

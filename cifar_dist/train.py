@@ -109,6 +109,10 @@ def run_epochs(run: Run, preemption: Preemption,
                on_epoch: Callable[[dict[str, Any], Path], None] | None) -> dict[str, Any]:
     """The epochs still to train, then the results; or a checkpoint and a stop when a signal came."""
     for epoch in range(run.state.epoch, run.cfg.epochs):
+        if 0 < run.cfg.stop_after <= epoch:  # asked to stop here: a later command goes on
+            say(run.accelerator, f"stopped after epoch {epoch} (--stop-after {run.cfg.stop_after}): checkpoint "
+                                 f"{checkpoints(run.out)[-1]}; rerun with a later --stop-after, or 0, to go on")
+            return {"stopped": True, "epoch": epoch}
         if (sums := train_epoch(run, epoch, preemption)) is None:
             return stop(run, epoch, preemption, saved=False)
         metrics = end_epoch(run, epoch, sums)

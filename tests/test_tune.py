@@ -1,11 +1,14 @@
 """Real Ray Tune searches (local Ray on this machine) through `python tune/search.py`."""
 import csv
+import json
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import ROOT, assert_one_line_error, env, kill_tree, metrics, run_train, summary
 
@@ -121,6 +124,49 @@ def test_deepspeed_zero2_trial(tmp_path):
     assert retrained["epochs_completed"] == 1 and "test_acc" in retrained and "retrained" in r.stdout
 
 
+def journal(out, trial):
+    return [json.loads(line) for line in (out / "trials" / f"{trial}.events.jsonl").read_text().splitlines()]
+
+
+def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path):
+    out = tmp_path / "s"
+    # Two good lrs and two hopeless ones; tta mutates, and it only changes evaluation: a trial that copies
+    # a top trial then trains its next epoch exactly as that trial did, if (and only if) it got its weights.
+    sp = space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate={"tta": {"choice": ["none", "flip"]}})
+    r = search(["--space", sp, "--scheduler", "pbt", "--num-samples", "1", "--max-epochs", "4",
+                "--perturbation-interval", "1", "--mixed-precision", "no", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exploits = rows_of(out / "exploits.csv")
+    assert exploits, r.stdout[-3000:]  # the hopeless trials were copied over at least once
+    reports = {t: [e for e in journal(out, t) if e["event"] == "report"] for t in {row["trial"] for row in rows(out)}}
+    for row in exploits:
+        trial, donor, donor_epoch = row["trial"], row["donor"], int(row["donor_epoch"])
+        events = journal(out, trial)
+        k, x = next((i + 1, e) for i, e in enumerate(e for e in events if e["event"] == "exploit")
+                    if (e["donor"], e["donor_epoch"], e["epoch"]) == (donor, donor_epoch, int(row["epoch"])))
+        first = next(e for e in reports[trial] if e["exploits"] == k)  # its first report on the copied weights
+        same = next(e for e in reports[donor] if e["epoch"] == donor_epoch + 1 and e["exploits"] == x["donor_exploits"])
+        assert first["epoch"] == donor_epoch + 1
+        assert (first["train_loss"], first["train_acc"]) == (same["train_loss"], same["train_acc"])
+        own = [e for e in reports[trial] if e["exploits"] == k - 1][-1]
+        assert first["train_loss"] != own["train_loss"]
+        assert float(row["lr_before"]) == 1e-5 or float(row["lr_before"]) == 0.05
+        assert x["after"]["lr"] == x["donor_params"]["lr"]  # copied; lr does not mutate here
+    history = rows_of(out / "history.csv")
+    assert len(history) == sum(len(v) for v in reports.values()) and all(row["val_acc"] for row in history)
+    for trial in reports:  # ranked on validation only: no trial ever looked at the test set
+        assert all("test_acc" not in m for m in reports[trial])
+        assert all("test_acc" not in m for m in metrics(out / "trials" / trial))
+    assert sum(int(row["exploits"]) for row in rows(out)) >= 1
+    picture = np.asarray(Image.open(out / "search.png").convert("L"), dtype=float)
+    assert picture.shape[0] > 300 and picture.std() > 10  # drawn, not blank
+
+
+def rows_of(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.mark.parametrize("entries, extra, text", [
     ({"lr": {"choice": []}}, [], "lr choice is empty"),
     ({"lr": {"loguniform": [0.5, 0.05]}}, [], "bounds are reversed"),
@@ -133,6 +179,26 @@ def test_deepspeed_zero2_trial(tmp_path):
     ({"optimizer": {"choice": ["sgd", "lion"]}}, [], "optimizer='lion': unknown optimizer 'lion'"),
     ({}, ["--val-size", "2000"], "--val-size 2000 leaves no training images: the synthetic training set has 2000"),
     ({}, ["--address", "127.0.0.1:9"], "cannot reach the Ray cluster at 127.0.0.1:9"),
+    ({}, ["--scheduler", "hyperband"], "argument --scheduler: invalid choice: 'hyperband'"),
+    ({}, ["--scheduler", "pbt"], "--scheduler pbt needs a mutate: section"),
+    ({"mutate": {"base_width": {"choice": [8, 16]}}}, ["--scheduler", "pbt", "--num-samples", "2"],
+     "mutate: base_width cannot change during a trial (an architecture setting: a copied checkpoint must fit"),
+    ({"mutate": {"batch_size": {"choice": [100, 200]}}}, ["--scheduler", "pbt", "--num-samples", "2"],
+     "mutate: batch_size cannot change during a trial (it defines the run"),
+    ({"mutate": {"epochs": {"randint": [1, 3]}}}, ["--scheduler", "pbt", "--num-samples", "2"],
+     "mutate: epochs cannot change during a trial (the search sets it for every trial)"),
+    ({"mutate": {"lr": {"loguniform": [0.01, 0.1]}}}, ["--scheduler", "pbt"],
+     "needs a population of at least 2 trials, got 1"),
+    ({"mutate": {"lr": {"loguniform": [0.01, 0.1]}}}, ["--scheduler", "pbt", "--num-samples", "2",
+                                                        "--perturbation-interval", "0"],
+     "--perturbation-interval must be at least 1 and below --max-epochs 3"),
+    ({"mutate": {"lr": {"loguniform": [0.01, 0.1]}}}, ["--scheduler", "pbt", "--num-samples", "2",
+                                                        "--perturbation-interval", "3"],
+     "--perturbation-interval must be at least 1 and below --max-epochs 3, got 3"),
+    ({"mutate": {"label_smoothing": {"choice": [0.0, 0.1]}}}, ["--scheduler", "pb2", "--num-samples", "2"],
+     "mutate: label_smoothing needs one of {uniform, loguniform, randint: ...} (--scheduler pb2)"),
+    ({"mutate": {"label_smoothing": {"uniform": [0.0, 1.5]}}}, ["--scheduler", "pbt", "--num-samples", "2"],
+     "label_smoothing=1.5: label_smoothing must be in [0, 1)"),
 ])
 def test_bad_input_one_line_before_any_trial(tmp_path, main_in_process, entries, extra, text):
     """Checked in this process: every one fails before Ray starts (nothing here may start it)."""
@@ -142,7 +208,7 @@ def test_bad_input_one_line_before_any_trial(tmp_path, main_in_process, entries,
     entries = dict(entries)
     tiny = entries.pop("tiny", True)
     code, err = main_in_process(cli.main, [*DATA, "--space", space(tmp_path, tiny=tiny, **entries), "--num-samples",
-                                           "1", "--max-epochs", "1", "--output-dir", str(out), *extra])
+                                           "1", "--max-epochs", "3", "--output-dir", str(out), *extra])
     assert_one_line_error(code, err, text)
     assert not out.exists()
     import ray

@@ -2,8 +2,9 @@
 
 Every trial calls the same `cifar_dist.train.train` as `accelerate launch cifar_dist/train.py`, ranks on
 a validation split carved out of the training set (never the test set), reports each epoch (metrics and
-checkpoint) to Tune so ASHA can stop weak trials early and a failed trial resumes from its checkpoint.
-The best configuration is written as `best.yaml`, which train.py trains directly.
+checkpoint) to Tune so ASHA can stop weak trials early, PBT can have weak trials copy strong ones, and a
+failed trial resumes from its checkpoint. The best configuration is written as `best.yaml`, which
+train.py trains directly (with `best-replay.sh` when PBT changed its settings during training).
 """
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cifar_dist import tracking
 from cifar_dist.config import TOP_FIELDS, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.backends import BACKENDS, is_deepspeed
-from cifar_dist.search.report import trial_rows, write_best, write_table
-from cifar_dist.search.space import SearchError, check_space, load_space, to_tune
+from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
+from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
+from cifar_dist.search.space import (SearchError, check_mutations, check_space, load_space, merged, population,
+                                     to_tune)
 from cifar_dist.search.trial import run_trial
 from cifar_dist.settings import allowed, describe
 
@@ -41,8 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--space", type=Path, default=SPACE, help="search space YAML (default: tune/space.yaml)")
     a("--num-samples", type=int, default=8, help="configurations to sample (x each grid point)")
     a("--max-epochs", type=int, default=10, help="epochs of a trial that is never stopped")
+    a("--scheduler", default="asha", choices=SCHEDULERS, help="asha: stop weak trials early; pbt/pb2: population-"
+      "based training, weak trials copy strong ones and change the space's mutate: settings (pb2: pip install "
+      "'.[pb2]')")
     a("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     a("--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/N at each rung")
+    a("--perturbation-interval", type=int, default=2, help="PBT/PB2: epochs between a trial's exploit/explore steps")
+    a("--quantile-fraction", type=float, default=0.25, help="PBT/PB2: the bottom fraction copies the top fraction")
     a("--dataset", default="cifar10", choices=allowed(*TOP_FIELDS["dataset"]), help=setting_help("dataset"))
     a("--data-dir", default="", help=setting_help("data_dir"))
     a("--train-subset", type=int, default=0, help="train on the first N images (0: all)")
@@ -85,6 +94,12 @@ def check_args(args: argparse.Namespace) -> None:
                           f"has {n_train}")
     if args.grace_period > args.max_epochs:
         raise SearchError(f"--grace-period {args.grace_period} exceeds --max-epochs {args.max_epochs}")
+    if args.scheduler in POPULATION:
+        if not 1 <= args.perturbation_interval < args.max_epochs:
+            raise SearchError(f"--perturbation-interval must be at least 1 and below --max-epochs {args.max_epochs}, "
+                              f"got {args.perturbation_interval} (a trial is never perturbed at its last epoch)")
+        if not 0 < args.quantile_fraction <= 0.5:
+            raise SearchError(f"--quantile-fraction must be in (0, 0.5], got {args.quantile_fraction}")
 
 
 def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -127,10 +142,11 @@ def start_ray(args: argparse.Namespace) -> None:
         raise SearchError(f"a trial needs {need_cpu:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}")
 
 
-def make_tuner(args: argparse.Namespace, space: dict[str, Any], base: dict[str, Any], search_dir: Path) -> Any:
-    """The Tuner (or the restored one): the trial function, its resources, ASHA on validation accuracy."""
+def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[str, Any], base: dict[str, Any],
+               search_dir: Path) -> Any:
+    """The Tuner (or the restored one): the trial function, its resources, the scheduler on validation
+    accuracy."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     name = search_dir.name
     workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
@@ -147,68 +163,88 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], base: dict[str, 
         have = ray.cluster_resources()
         fits = [have.get(k, 0) // (v * workers) for k, v in per_worker.items() if v]
         args.max_concurrent = max(1, int(min(fits)))
+    keep = checkpoints_to_keep(args.scheduler, args.perturbation_interval)
     run_config = tune.RunConfig(name=name, storage_path=str(search_dir.parent.resolve()),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0)
+                                checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), verbose=0,
+                                stop={"epoch": args.max_epochs})  # before the scheduler: PBT never copies a finished trial
     if args.resume:
         return tune.Tuner.restore(str(search_dir.resolve()), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=args.max_epochs, grace_period=args.grace_period,
-                              reduction_factor=args.reduction_factor)
+    scheduler = make_scheduler(args.scheduler, args.max_epochs, mutations, args.grace_period, args.reduction_factor,
+                               args.perturbation_interval, args.quantile_fraction)
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, num_samples=args.num_samples,
                                   max_concurrent_trials=args.max_concurrent or None, reuse_actors=False)
-    return tune.Tuner(trainable, param_space=to_tune(space), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=to_tune(merged(space, mutations)), tune_config=tune_config,
+                      run_config=run_config)
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every check that can fail before a trial starts (the arguments, the search directory, the space,
-    the Ray cluster); the search directory, the space and what every trial shares."""
+    the Ray cluster); the search directory, the space, its mutations and what every trial shares."""
     check_args(args)
     search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     if args.resume and not (search_dir / "tuner.pkl").exists():
         raise SearchError(f"nothing to resume in {search_dir} (no tuner.pkl)")
     if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
-    space = load_space(args.space)
+    space, mutations = load_space(args.space)
     base = base_overrides(args, search_dir.name)
-    check_space(space, base)
+    if args.scheduler in POPULATION:
+        if not mutations:
+            raise SearchError(f"--scheduler {args.scheduler} needs a mutate: section in the search space "
+                              f"{args.space}: the settings it may change during a trial")
+        if (n := population(space, args.num_samples)) < 2:
+            raise SearchError(f"--scheduler {args.scheduler} needs a population of at least 2 trials, got {n} "
+                              f"(--num-samples {args.num_samples} x grid points)")
+    check_mutations(mutations, base, args.scheduler)
+    check_space(merged(space, mutations), base)
     start_ray(args)
-    return search_dir, space, base
+    return search_dir, space, mutations, base
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        search_dir, space, base = prepare(args)
+        search_dir, space, mutations, base = prepare(args)
     except SearchError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    name = search_dir.name
+    name, pbt = search_dir.name, args.scheduler in POPULATION
     search_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         shutil.copy(args.space, search_dir / "space.yaml")
-    print(f"search {name}: {args.num_samples} samples x {args.max_epochs} epochs, ASHA grace {args.grace_period}; "
+    how = (f"{args.scheduler.upper()} every {args.perturbation_interval} epochs, mutating {', '.join(mutations)}"
+           if pbt else f"ASHA grace {args.grace_period}")
+    print(f"search {name}: {args.num_samples} samples x {args.max_epochs} epochs, {how}; "
           f"ranking on {args.val_size} validation images; results in {search_dir}", flush=True)
-    grid = make_tuner(args, space, base, search_dir).fit()
-    rows = trial_rows(grid, args.max_epochs, base)
+    grid = make_tuner(args, space, mutations, base, search_dir).fit()
+    rows = trial_rows(grid, args.max_epochs, base, pbt)
     print(write_table(rows, search_dir / "results.csv"))
-    found = write_best(grid, base, search_dir)
+    events = journals(search_dir)
+    found = write_best(grid, base, search_dir, events)
+    images = write_record(search_dir, rows, events, found[1] if found else None, pbt)
+    tracking.log_search(tracking.parse(args.tracker), search_dir, name, images, rows)
     if found is None:
         print(f"{PROG}: error: no trial finished an epoch; see {search_dir}/trials", file=sys.stderr)
         return 1
-    best, trial, val_acc = found
-    print(f"best: {best} (val acc {val_acc:.2%}); train it with "
-          f"`accelerate launch cifar_dist/train.py --config {best}`")
+    best, trial, val_acc, commands = found
+    print(f"best: {best} (val acc {val_acc:.2%}); train it with `accelerate launch cifar_dist/train.py --config {best}`"
+          + (f", or replay the settings PBT gave it as it trained: bash {search_dir / 'best-replay.sh'}"
+             if len(commands) > 1 else ""))
     # per trial: a resumed search that crowns another one retrains that one
-    return retrain(best, search_dir / f"best-{trial}", args.test_subset) if args.retrain_best else 0
+    return retrain(commands, search_dir / f"best-{trial}", args.test_subset) if args.retrain_best else 0
 
 
-def retrain(best: Path, out: Path, test_subset: int) -> int:
-    """Train best.yaml on the full training set, as its own run, and report its test accuracy."""
-    r = subprocess.run([sys.executable, "-m", "cifar_dist.train", "--config", str(best), "--output-dir", str(out),
-                        "--test-subset", str(test_subset)])
-    if r.returncode:
-        return r.returncode
+def retrain(commands: list[list[str]], out: Path, test_subset: int) -> int:
+    """Train the best configuration (or replay its schedule, one command per segment) on the full
+    training set, as a run of its own, and report its test accuracy."""
+    for args in commands:
+        r = subprocess.run([sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out),
+                            "--test-subset", str(test_subset)])
+        if r.returncode:
+            return r.returncode
     summary = json.loads((out / "summary.json").read_text())
-    print(f"best configuration retrained on the full training set: test acc {summary['test_acc']:.2%} ({out})")
+    what = f"replayed ({len(commands)} segments)" if len(commands) > 1 else "retrained"
+    print(f"best configuration {what} on the full training set: test acc {summary['test_acc']:.2%} ({out})")
     return 0

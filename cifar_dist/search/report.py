@@ -1,33 +1,53 @@
-"""What a finished search leaves: results.csv and its table (one row per trial), best.yaml (the best
-trial's config, set up to retrain on the full training set and measure the test set once)."""
+"""What a finished search leaves: results.csv and its table (one row per trial), history.csv (every
+trial's reports), exploits.csv (PBT's copies), search.png, and best.yaml (the best trial's config, set up
+to retrain on the full training set and measure the test set once) with, when PBT changed the best
+trial's settings as it trained, best-replay.sh: that schedule as train.py commands."""
 from __future__ import annotations
 
 import csv
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from cifar_dist import pictures
 from cifar_dist.config import Config, ConfigError, save_yaml
 from cifar_dist.model import build_model, count_params
 from cifar_dist.search.space import SearchError, trial_config
+from cifar_dist.search.trial import read_events
 from cifar_dist.settings import with_role
 from cifar_dist.tables import text_table
 
+Journals = dict[str, list[dict[str, Any]]]  # trial id -> its events (trial.py)
+Segment = tuple[int, dict[str, Any]]  # (first epoch trained with these settings, the settings)
 
-def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial, best first: status, last and best validation accuracy, size, parameters."""
+
+def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any], population: bool = False) -> list[dict[str, Any]]:
+    """One row per trial, best first: status, last and best validation accuracy, size, (PBT: exploits,
+    its settings are its last ones), settings."""
     best = grid.get_dataframe(filter_metric="val_acc", filter_mode="max")  # each trial's best epoch
     best_acc = dict(zip(best["trial_id"], best["val_acc"])) if "val_acc" in best else {}
     rows = []
     for r in grid:
         m, params = r.metrics or {}, dict(sorted(r.config.items()))
-        trial = m.get("trial_id") or Path(r.path or "?").name
+        trial = trial_id(r)
         epochs = int(m.get("epoch", 0))
         status = "failed" if r.error else ("completed" if epochs >= max_epochs else "stopped early")
         rows.append(dict(trial=trial, status=status, val_acc=m.get("val_acc"), best_val_acc=best_acc.get(trial),
                          epochs=epochs, params=parameters(params, base),
+                         **({"exploits": int(m.get("exploits", 0))} if population else {}),
                          **{k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in params.items()},
                          error=(str(r.error).strip().splitlines() or [""])[-1][:200] if r.error else ""))
     return sorted(rows, key=lambda row: (row["status"] == "failed", row["val_acc"] is None, -(row["val_acc"] or 0)))
+
+
+def trial_id(result: Any) -> str:
+    """A trial's id, from its Tune directory (run_trial_<id>_<index>_<tag>_<date>): its last metrics may be
+    a donor's (PBT hands a trial the result of the checkpoint it copies)."""
+    found = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
+    return found.group(1) if found else str((result.metrics or {}).get("trial_id", Path(result.path or "?").name))
 
 
 def parameters(params: dict[str, Any], base: dict[str, Any]) -> int | None:
@@ -37,14 +57,77 @@ def parameters(params: dict[str, Any], base: dict[str, Any]) -> int | None:
         return None
 
 
-def write_table(rows: list[dict[str, Any]], path: Path) -> str:
-    """results.csv (every column), and the table to print (without the error text)."""
+def write_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+    return keys
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> str:
+    """results.csv (every column), and the table to print (without the error text)."""
+    keys = write_csv(rows, path)
     return text_table(rows, [k for k in keys if k != "error"])
+
+
+def write_record(search_dir: Path, rows: list[dict[str, Any]], events: Journals, best: str | None,
+                 population: bool) -> dict[str, np.ndarray]:
+    """history.csv, exploits.csv (PBT), and search.png, which it returns for the trackers."""
+    write_csv(history_rows(events), search_dir / "history.csv")
+    if population:
+        exploits = exploit_rows(events)
+        if exploits:
+            write_csv(exploits, search_dir / "exploits.csv")
+        else:
+            (search_dir / "exploits.csv").write_text("trial,epoch,donor,donor_epoch\n")
+    sizes = {row["trial"]: (row["params"], row["val_acc"], row["status"]) for row in rows}
+    picture = pictures.search_figure(reports(events), sizes, best)
+    pictures.save_png(picture, search_dir / "search.png")
+    return {"search": picture}
+
+
+# --- the trials' journals: history, exploits, the best trial's schedule ------------------------------
+
+def journals(search_dir: Path) -> Journals:
+    return {p.name.removesuffix(".events.jsonl"): read_events(p.parent / p.name.removesuffix(".events.jsonl"))
+            for p in sorted((search_dir / "trials").glob("*.events.jsonl"))}
+
+
+def reports(events: Journals) -> dict[str, list[dict[str, Any]]]:
+    return {trial: [e for e in es if e["event"] == "report"] for trial, es in events.items()}
+
+
+def history_rows(events: Journals) -> list[dict[str, Any]]:
+    """history.csv: every report of every trial, in the order each trial made them."""
+    keep = ("exploits", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+    return [dict(trial=trial, **{k: r.get(k) for k in keep}) for trial, rs in reports(events).items() for r in rs]
+
+
+def exploit_rows(events: Journals) -> list[dict[str, Any]]:
+    """exploits.csv: which trial copied which, at which of its epochs, from which of the donor's; and each
+    setting that changed, as the trial had it, as the donor had it, and after the perturbation."""
+    found = [(trial, e) for trial, es in events.items() for e in es if e["event"] == "exploit"]
+    changed = sorted({k for _, e in found for k in e["after"]
+                      if len({repr(e["before"].get(k)), repr(e["donor_params"].get(k)), repr(e["after"][k])}) > 1})
+    return [dict(trial=trial, epoch=e["epoch"], donor=e["donor"], donor_epoch=e["donor_epoch"],
+                 **{f"{k}_{which}": e[field].get(k) for k in changed
+                    for which, field in (("before", "before"), ("donor", "donor_params"), ("after", "after"))})
+            for trial, e in found]
+
+
+def schedule(events: Journals, trial: str, life: int | None = None) -> list[Segment]:
+    """The settings a trial's weights were trained with, epoch by epoch: its first settings, or (after
+    exploit k) the donor's schedule up to the copied epoch and then the perturbed settings. Consecutive
+    equal settings merge into one segment."""
+    exploits = [e for e in events[trial] if e["event"] == "exploit"]
+    life = len(exploits) if life is None else life
+    if life == 0:
+        return [(0, next(e["params"] for e in events[trial] if e["event"] == "start"))]
+    x = exploits[life - 1]
+    before = [seg for seg in schedule(events, x["donor"], x["donor_exploits"]) if seg[0] < x["donor_epoch"]]
+    return before + ([(x["donor_epoch"], x["after"])] if x["after"] != before[-1][1] else [])
 
 
 def retrain_config(cfg: Config) -> Config:
@@ -58,13 +141,50 @@ def retrain_config(cfg: Config) -> Config:
     return cfg
 
 
-def write_best(grid: Any, base: dict[str, Any], search_dir: Path) -> tuple[Path, str, float] | None:
-    """best.yaml; the best trial's id (a resumed search may crown another trial) and validation accuracy."""
+def write_best(grid: Any, base: dict[str, Any], search_dir: Path,
+               events: Journals) -> tuple[Path, str, float, list[list[str]]] | None:
+    """best.yaml (the best trial's first settings); for a schedule of several settings, best-replay.sh
+    too. Returns its path, the best trial's id (a resumed search may crown another trial), its validation
+    accuracy, and the train.py arguments that replay it (one command per segment)."""
     # Not grid.get_best_result: it ranks a trial that reported and then crashed too.
     ok = [r for r in grid if not r.error and (r.metrics or {}).get("val_acc") is not None]
     if not ok:
         return None
     best = max(ok, key=lambda r: r.metrics["val_acc"])
+    trial = trial_id(best)
+    segments = schedule(events, trial) if trial in events else [(0, dict(best.config))]
     path = search_dir / "best.yaml"
-    save_yaml(retrain_config(trial_config(dict(best.config), base)), path)
-    return path, str(best.metrics.get("trial_id") or Path(best.path or "best").name), best.metrics["val_acc"]
+    save_yaml(retrain_config(trial_config(segments[0][1], base)), path)
+    commands = replay_commands(segments, path)
+    (search_dir / "best-replay.sh").unlink(missing_ok=True)
+    if len(commands) > 1:
+        write_replay(commands, search_dir / "best-replay.sh", trial)
+    return path, trial, best.metrics["val_acc"], commands
+
+
+def replay_commands(segments: list[Segment], best: Path) -> list[list[str]]:
+    """train.py arguments for each segment: best.yaml with the segment's changed settings, stopping
+    where the next segment starts; each command resumes the one before's checkpoint."""
+    first = segments[0][1]
+    commands = []
+    for i, (_, params) in enumerate(segments):
+        args = ["--config", str(best)]
+        for key, value in params.items():
+            flag = f"--{key.replace('_', '-')}"
+            if value != first.get(key):
+                args += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+        if i + 1 < len(segments):
+            args += ["--stop-after", str(segments[i + 1][0])]
+        commands.append(args)
+    return commands
+
+
+def write_replay(commands: list[list[str]], path: Path, trial: str) -> None:
+    lines = ["#!/usr/bin/env bash",
+             f"# The best trial ({trial}) was trained with settings PBT changed on the way: best.yaml holds the",
+             "# first; each command trains until the next change and the next one resumes from its checkpoint",
+             "# with the new settings (as the trial did). Usage: bash best-replay.sh [OUTPUT_DIR] [train.py flags]",
+             "set -euo pipefail", 'out=${1:-runs/best-replay}; shift || true']
+    lines += [f'python -m cifar_dist.train {shlex.join(args)} --output-dir "$out" "$@"' for args in commands]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)

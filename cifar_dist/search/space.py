@@ -1,6 +1,8 @@
 """The search-space language of `tune/space.yaml`: each key a `Config` setting (any train.py flag, with
 underscores) or one of three architecture keys; each value fixed or `{choice|grid|uniform|loguniform|
-randint: [...]}`. Checked in full before Ray starts anything, then turned into Ray Tune's domains.
+randint: [...]}`. A `mutate:` section names the settings population-based training may change during a
+trial, and how (their first values are sampled from the same spec). Checked in full before Ray starts
+anything, then turned into Ray Tune's domains.
 """
 from __future__ import annotations
 
@@ -8,20 +10,64 @@ from pathlib import Path
 from typing import Any
 
 from cifar_dist.config import MODEL_FIELDS, TOP_FIELDS, Config, ConfigError, load_yaml, resolve
+from cifar_dist.settings import with_role
 
 ARCH_KEYS = ("stages", "blocks_per_stage", "base_width")
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+RANGES = ("uniform", "loguniform", "randint")
+MUTATE = "mutate"  # the space file's section of settings a PBT trial may change as it trains
 
 
 class SearchError(ValueError):
     """Bad input to the search; one line that names the problem."""
 
 
-def load_space(path: Path) -> dict[str, Any]:
+def load_space(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sampled settings and the `mutate:` section. A mutated setting takes its first value from its
+    own entry when it has one, else from the mutate spec."""
     try:
-        return load_yaml(path)
+        raw = load_yaml(path)
     except ConfigError as e:
         raise SearchError(f"search space: {e}") from None
+    mutations = raw.pop(MUTATE, None) or {}
+    if not isinstance(mutations, dict):
+        raise SearchError(f"search space: {MUTATE}: must map settings to specs, got {mutations!r}")
+    return raw, mutations
+
+
+def mutable(base: dict[str, Any]) -> list[str]:
+    """The settings a trial may change mid-run: those of role "result" (a resumed run takes a new value
+    from the step it resumes), less what the search fixes for every trial (budget, evaluation)."""
+    return [k for k in with_role(Config, "result") if k not in base]
+
+
+def check_mutations(mutations: dict[str, Any], base: dict[str, Any], scheduler: str) -> None:
+    """Every mutated setting may change during a run and has a spec the scheduler can perturb."""
+    allowed = mutable(base)
+    for key, spec in mutations.items():
+        if key not in allowed:
+            raise SearchError(f"search space: {MUTATE}: {key} cannot change during a trial ({why_fixed(key, base)}); "
+                              f"settings that can: {', '.join(allowed)}")
+        kinds = RANGES if scheduler == "pb2" else ("choice", *RANGES)
+        if not isinstance(spec, dict) or next(iter(spec), None) not in kinds:
+            raise SearchError(f"search space: {MUTATE}: {key} needs one of {{{', '.join(kinds)}: ...}} "
+                              f"(--scheduler {scheduler}), got {spec!r}")
+
+
+def why_fixed(key: str, base: dict[str, Any]) -> str:
+    if key in ARCH_KEYS or key in MODEL_FIELDS:
+        return "an architecture setting: a copied checkpoint must fit the model"
+    if key not in TOP_FIELDS:
+        return "unknown setting"
+    role = TOP_FIELDS[key][1]["role"]
+    if role == "identity":
+        return "it defines the run: a copied checkpoint would not fit it"
+    return "the search sets it for every trial" if key in base else "it does not change the result"
+
+
+def merged(space: dict[str, Any], mutations: dict[str, Any]) -> dict[str, Any]:
+    """What Tune samples a trial's first settings from: a mutated setting's own entry, else its mutate spec."""
+    return {**mutations, **space}
 
 
 def candidates(key: str, spec: Any) -> list[Any]:
@@ -33,7 +79,7 @@ def candidates(key: str, spec: Any) -> list[Any]:
     kind, values = next(iter(spec.items()))
     if not isinstance(values, list) or not values:
         raise SearchError(f"search space: {key} {kind} is empty")
-    if kind in ("uniform", "loguniform", "randint"):
+    if kind in RANGES:
         if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
             raise SearchError(f"search space: {key} {kind} needs [low, high], got {values}")
         lo, hi = values
@@ -101,6 +147,45 @@ def to_tune(space: dict[str, Any]) -> dict[str, Any]:
         else:
             made[key] = getattr(tune, kind)(*values)
     return made
+
+
+def mutations_for(scheduler: str, mutations: dict[str, Any]) -> dict[str, Any]:
+    """The mutate section as PBT takes it (a choice shifts to a neighbouring value, a range is multiplied
+    by 0.8 or 1.2 or resampled), or as PB2's bounds."""
+    from ray import tune
+
+    made: dict[str, Any] = {}
+    for key, spec in mutations.items():
+        kind, values = next(iter(spec.items()))
+        if scheduler == "pb2":
+            made[key] = list(values)
+        else:
+            made[key] = list(values) if kind == "choice" else getattr(tune, kind)(*values)
+    return made
+
+
+def clip(config: dict[str, Any], bounds: dict[str, tuple[str, float, float]]) -> dict[str, Any]:
+    """PBT's explore step multiplies a range by 0.8 or 1.2, which can leave the range: bring it back (a
+    randint's high end is excluded)."""
+    for key, (kind, lo, hi) in bounds.items():
+        if kind == "randint":
+            config[key] = int(min(max(round(config[key]), lo), hi - 1))
+        else:
+            config[key] = float(min(max(config[key], lo), hi))
+    return config
+
+
+def range_bounds(mutations: dict[str, Any]) -> dict[str, tuple[str, float, float]]:
+    return {k: (kind, *values) for k, spec in mutations.items() for kind, values in spec.items() if kind in RANGES}
+
+
+def population(space: dict[str, Any], num_samples: int) -> int:
+    """How many trials a search runs: samples times grid points."""
+    points = 1
+    for spec in space.values():
+        if isinstance(spec, dict) and "grid" in spec:
+            points *= len(spec["grid"])
+    return num_samples * points
 
 
 def trial_config(params: dict[str, Any], base: dict[str, Any], trial_dir: Path | None = None) -> Config:

@@ -1,7 +1,14 @@
 """A Tune trial: the one training function of cifar_dist.train, reporting each epoch (metrics and its
-checkpoint) to Tune, in the trial's process or, for DDP and DeepSpeed trials, in Ray Train workers."""
+checkpoint) to Tune, in the trial's process or, for DDP and DeepSpeed trials, in Ray Train workers.
+
+Each trial keeps a journal, `trials/<id>.events.jsonl`: its starts (with their settings), its reports,
+and its PBT exploits (whose checkpoint it copied, from which epoch, the settings before and after).
+Every reported checkpoint carries `origin.json` (whose it is and at which epoch), which is how a trial
+restored by Tune tells its own checkpoint from a copied one.
+"""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -23,8 +30,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
     trial_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(trial_dir.with_suffix(".starts"), "a") as f:  # how often this trial was (re)started
         f.write(f"{time.time()}\n")
-    restore_checkpoint(trial_dir)
-    config = dict(params=params, base={**base, "run_name": trial_id}, trial_dir=str(trial_dir), backend=backend)
+    exploits = restore_checkpoint(trial_dir, trial_id, params)
+    config = dict(params=params, base={**base, "run_name": trial_id}, trial_dir=str(trial_dir), backend=backend,
+                  exploits=exploits)
     if workers == 1 and not is_deepspeed(backend):
         train_and_report(config)
         return
@@ -39,17 +47,56 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
                                       callbacks=[TuneReportCallback()])).fit()
 
 
-def restore_checkpoint(trial_dir: Path) -> None:
-    """A trial restored by Tune (after a failure, or a resumed search): put its epoch checkpoint back in
-    the trial's run directory, where train() resumes from it."""
+ORIGIN = "origin.json"  # in every reported checkpoint: the trial, epoch and exploit count that made it
+
+
+def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -> int:
+    """Put the checkpoint Tune hands a (re)started trial in its run directory, where train() resumes from
+    it: its own (after a failure, a pause, a resumed search) or a top trial's (a PBT exploit, recorded in
+    the journal; the run directory then continues the donor's run and drops what fixed its own). Returns
+    the trial's exploits so far."""
     from ray import tune
 
+    events = read_events(trial_dir)
+    exploits = sum(e["event"] == "exploit" for e in events)
     if checkpoint := tune.get_checkpoint():
         with checkpoint.as_directory() as d:
+            origin = json.loads((Path(d) / ORIGIN).read_text()) if (Path(d) / ORIGIN).exists() else {}
+            if origin.get("trial", trial_id) != trial_id and not retried(events, origin):
+                exploits += 1
+                own = [e for e in events if e["event"] == "report"]
+                before = next((e["params"] for e in reversed(events) if e["event"] == "start"), {})
+                append_event(trial_dir, event="exploit", epoch=own[-1]["epoch"] if own else 0, donor=origin["trial"],
+                             donor_epoch=origin["epoch"], donor_exploits=origin["exploits"], before=before,
+                             donor_params=origin["params"], after=params)
+                shutil.rmtree(trial_dir, ignore_errors=True)  # its own run: config, pictures, W&B run id
+            shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
             for epoch_dir in Path(d).glob("epoch-*"):
-                target = trial_dir / "checkpoints" / epoch_dir.name
-                if not target.exists():
-                    shutil.copytree(epoch_dir, target)
+                shutil.copytree(epoch_dir, trial_dir / "checkpoints" / epoch_dir.name)
+    append_event(trial_dir, event="start", params=params, exploits=exploits)
+    return exploits
+
+
+def retried(events: list[dict[str, Any]], origin: dict[str, Any]) -> bool:
+    """Whether a copied checkpoint is the last exploit's, handed again because the trial failed before it
+    reported on its own."""
+    last = next((e for e in reversed(events) if e["event"] in ("exploit", "report")), {})
+    return last.get("event") == "exploit" and (last["donor"], last["donor_epoch"]) == (origin["trial"], origin["epoch"])
+
+
+def append_event(trial_dir: Path, **event: Any) -> None:
+    with open(trial_dir.with_suffix(".events.jsonl"), "a") as f:
+        f.write(json.dumps(event, default=plain) + "\n")
+
+
+def read_events(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir.with_suffix(".events.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars (Tune's samplers return some) as Python numbers."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def train_and_report(config: dict[str, Any]) -> None:
@@ -60,7 +107,8 @@ def train_and_report(config: dict[str, Any]) -> None:
 
     from cifar_dist.train import train
 
-    cfg = trial_config(config["params"], config["base"], Path(config["trial_dir"]))
+    trial_dir, trial_id = Path(config["trial_dir"]), config["base"]["run_name"]
+    cfg = trial_config(config["params"], config["base"], trial_dir)
     in_ray_train = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     params = count_params(build_model(cfg.model))
     last: list[tuple[dict[str, Any], Path]] = []
@@ -69,9 +117,14 @@ def train_and_report(config: dict[str, Any]) -> None:
         if metrics["epoch"] == cfg.epochs and not final:  # Tune ends a trial at its last report: let train() finish
             last.append((metrics, checkpoint_dir))
             return
-        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"params": params}
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir.parent)) if rank0 else None
+        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        result.update(params=params, exploits=config["exploits"])
+        ckpt = None
+        if int(os.environ.get("RANK", "0")) == 0:
+            origin = dict(trial=trial_id, epoch=metrics["epoch"], exploits=config["exploits"], params=config["params"])
+            (checkpoint_dir.parent / ORIGIN).write_text(json.dumps(origin, default=plain))
+            append_event(trial_dir, event="report", **result)
+            ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir.parent))
         (ray.train.report if in_ray_train else tune.report)(result, checkpoint=ckpt)
 
     train(cfg, on_epoch=report, deepspeed_plugin=deepspeed_plugin(config["backend"]))

@@ -1,0 +1,45 @@
+"""The trial schedulers of a search: ASHA stops weak trials early; PBT and PB2 keep every trial running
+and, every perturbation interval, have the bottom quantile copy a top trial's checkpoint and settings,
+then change the settings of the `mutate:` section (PBT: a neighbouring choice, a range times 0.8 or 1.2,
+or a fresh sample; PB2: a value a Gaussian-process bandit picks within the range).
+
+A copied checkpoint is resumed as any run of ours resumes (`rundir.resume`): the model, the optimiser
+state and the position in the lr schedule come from the checkpoint, the mutated settings from the new
+config. So a mutated lr rescales the schedule's peak and the run stays where it was on the schedule:
+at step s it trains with new_lr * factor(s), where factor is the schedule's shape (warm-up, decay).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from cifar_dist.search.space import clip, mutations_for, range_bounds
+
+SCHEDULERS = ("asha", "pbt", "pb2")
+POPULATION = ("pbt", "pb2")  # the schedulers that copy and mutate trials
+
+
+def make_scheduler(name: str, max_epochs: int, mutations: dict[str, Any], grace_period: int = 1,
+                   reduction_factor: int = 2, interval: int = 2, quantile: float = 0.25) -> Any:
+    """The Tune scheduler, on the trials' epochs. (Ranking, val_acc, is the TuneConfig's.)"""
+    if name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace_period,
+                             reduction_factor=reduction_factor)
+    explore = functools.partial(clip, bounds=range_bounds(mutations))
+    common = dict(time_attr="epoch", perturbation_interval=interval, quantile_fraction=quantile,
+                  custom_explore_fn=explore, log_config=False)  # the trials keep their own record of exploits
+    if name == "pb2":
+        from ray.tune.schedulers.pb2 import PB2
+
+        return PB2(hyperparam_bounds=mutations_for(name, mutations), **common)
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    return PopulationBasedTraining(hyperparam_mutations=mutations_for(name, mutations), **common)
+
+
+def checkpoints_to_keep(name: str, interval: int) -> int:
+    """Tune's checkpoints kept per trial. PBT copies the checkpoint a top trial had at its last
+    perturbation, which may be up to an interval older than its newest: keep that many and one spare."""
+    return interval + 2 if name in POPULATION else 1

@@ -1,0 +1,95 @@
+"""What PBT leaves behind, without Ray: a trial's schedule of settings rebuilt from the trials' journals,
+its replay as train.py commands (--stop-after, then a resume with the new settings), and what a mutated
+lr means (the schedule's peak scales, the position on it is kept). The search itself: test_tune.py."""
+import subprocess
+
+import pytest
+
+from cifar_dist import train
+from cifar_dist.config import resolve, save_yaml
+from cifar_dist.search.report import replay_commands, schedule, write_replay
+from cifar_dist.search.space import clip, range_bounds
+from cifar_dist.search.trial import retried
+from conftest import TINY, env, metrics, summary
+
+pytestmark = pytest.mark.timeout(300)
+ARCH = {"stages": 2, "base_width": 8}
+
+
+def journal_of(*events):
+    return [dict(event=kind, **fields) for kind, fields in events]
+
+
+def chain():
+    """a trains on its own; b copies a's epoch-2 checkpoint (lr perturbed to 0.06); c copies b's epoch-3
+    checkpoint (0.072); d copies a with no change at all."""
+    a0, b0 = {**ARCH, "lr": 0.05}, {**ARCH, "lr": 1e-5}
+    b1, c1 = {**ARCH, "lr": 0.06}, {**ARCH, "lr": 0.072}
+    report = lambda epoch, k=0: ("report", dict(epoch=epoch, exploits=k))  # noqa: E731
+    return {
+        "a": journal_of(("start", dict(params=a0, exploits=0)), *(report(e) for e in (1, 2, 3, 4))),
+        "b": journal_of(("start", dict(params=b0, exploits=0)), report(1), report(2),
+                        ("exploit", dict(epoch=2, donor="a", donor_epoch=2, donor_exploits=0, before=b0, donor_params=a0,
+                                         after=b1)),
+                        ("start", dict(params=b1, exploits=1)), report(3, 1), report(4, 1)),
+        "c": journal_of(("start", dict(params=b0, exploits=0)), report(1), report(2), report(3),
+                        ("exploit", dict(epoch=3, donor="b", donor_epoch=3, donor_exploits=1, before=b0, donor_params=b1,
+                                         after=c1)),
+                        ("start", dict(params=c1, exploits=1)), report(4, 1)),
+        "d": journal_of(("start", dict(params=b0, exploits=0)), report(1),
+                        ("exploit", dict(epoch=1, donor="a", donor_epoch=1, donor_exploits=0, before=b0, donor_params=a0,
+                                         after=a0)),
+                        ("start", dict(params=a0, exploits=1)), report(2, 1)),
+    }
+
+
+def test_a_trials_schedule_follows_its_donors_back_to_the_first_settings():
+    events = chain()
+    assert schedule(events, "a") == [(0, events["a"][0]["params"])]
+    assert schedule(events, "c") == [(0, {**ARCH, "lr": 0.05}), (2, {**ARCH, "lr": 0.06}), (3, {**ARCH, "lr": 0.072})]
+    assert schedule(events, "d") == [(0, {**ARCH, "lr": 0.05})]  # a copy without a change is one config
+
+
+def test_a_retried_exploit_is_not_a_second_exploit():
+    events = chain()["b"][:4]  # b's exploit, then b failed before it reported on a's weights
+    assert retried(events, {"trial": "a", "epoch": 2})
+    assert not retried(events, {"trial": "a", "epoch": 3})
+    assert not retried(chain()["b"], {"trial": "a", "epoch": 2})  # it reported since: a new exploit
+
+
+def test_explore_keeps_ranges_inside_their_bounds():
+    bounds = range_bounds({"lr": {"loguniform": [0.01, 0.1]}, "cutout": {"randint": [0, 9]},
+                           "tta": {"choice": ["none", "flip"]}})
+    assert clip({"lr": 0.12, "cutout": 11, "tta": "flip"}, bounds) == {"lr": 0.1, "cutout": 8, "tta": "flip"}
+    assert clip({"lr": 0.005, "cutout": 3.4, "tta": "none"}, bounds) == {"lr": 0.01, "cutout": 3, "tta": "none"}
+
+
+def test_the_replay_script_trains_the_schedule_and_a_mutated_lr_keeps_its_place(tmp_path, main_in_process):
+    """best-replay.sh of c's schedule, run for real: epochs 1-2 at lr 0.05, epoch 3 at 0.06, epoch 4 at
+    0.072, each a resume of the checkpoint before. Against an uninterrupted run at 0.05, the lr at the end
+    of every epoch is that run's, scaled by the new peak: the position on the schedule is kept."""
+    base = [*TINY, "--epochs", "4", "--lr-end", "0.5", "--train-subset", "600", "--test-subset", "200"]
+    save_yaml(resolve(base), tmp_path / "best.yaml")
+    ref = tmp_path / "ref"
+    assert main_in_process(train.main, ["--config", str(tmp_path / "best.yaml"), "--output-dir", str(ref)])[0] == 0
+    commands = replay_commands([(0, {"lr": 0.05}), (2, {"lr": 0.06}), (3, {"lr": 0.072})], tmp_path / "best.yaml")
+    assert [c[2:] for c in commands] == [["--stop-after", "2"], ["--lr", "0.06", "--stop-after", "3"], ["--lr", "0.072"]]
+    write_replay(commands, tmp_path / "best-replay.sh", "c")
+    out = tmp_path / "replayed"
+    r = subprocess.run(["bash", str(tmp_path / "best-replay.sh"), str(out)], cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("stopped after epoch") == 2 and r.stdout.count("resumed from") == 2
+    got, want = metrics(out), metrics(ref)
+    assert [m["epoch"] for m in got] == [1, 2, 3, 4]
+    assert [m["train_loss"] for m in got[:2]] == [m["train_loss"] for m in want[:2]]  # the same run up to the change
+    for m, w, peak in zip(got, want, (0.05, 0.05, 0.06, 0.072)):
+        assert m["lr"] == pytest.approx(w["lr"] * peak / 0.05, rel=1e-9)
+    s = summary(out)
+    assert [(x["epoch"], x["batch"]) for x in s["resumes"]] == [(2, 0), (3, 0)]
+    assert s["config"]["lr"] == 0.072 and s["config"]["stop_after"] == 0
+
+
+def test_stop_after_is_checked(tmp_path, main_in_process):
+    code, err = main_in_process(train.main, [*TINY, "--stop-after", "-1", "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "stop_after must be >= 0, got -1" in err
