@@ -151,3 +151,28 @@ def test_unknown_tracker_is_refused(tmp_path, tiny_args, main_in_process):
     code, err = main_in_process(train.main, [*tiny_args, "--tracker", "mlflow", "--output-dir", str(tmp_path / "o")])
     assert_one_line_error(code, err, "unknown tracker 'mlflow'")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_search_is_logged_as_a_wandb_run_of_its_group(tmp_path, monkeypatch):
+    """tune/search.py's last step, in this process: search.png and the results table, as one W&B run
+    (job type search) in the group of the search's trials."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb_history import payloads
+
+    from cifar_dist import pictures, tracking
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    reports = {"t1": [dict(epoch=1, val_acc=0.3, exploits=0), dict(epoch=2, val_acc=0.5, exploits=0)],
+               "t2": [dict(epoch=1, val_acc=0.1, exploits=0), dict(epoch=2, val_acc=0.45, exploits=1)]}
+    picture = pictures.search_figure(reports, {"t1": (1000, 0.5, "completed"), "t2": (2000, 0.45, "completed")}, "t1")
+    rows = [dict(trial="t1", val_acc=0.5, params=1000), dict(trial="t2", val_acc=0.45, params=2000)]
+    tracking.log_search(["wandb"], tmp_path, "search-9", {"search": picture}, rows)
+    (file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    run = next(r.run for r in map(pb.Record.FromString, payloads(file)) if r.WhichOneof("record_type") == "run")
+    assert (run.run_group, run.job_type, run.display_name) == ("search-9", "search", "search-9-search")
+    (row,) = history(file)
+    assert row["search/_type"] == "image-file" and row["results/_type"] == "table-file"
+    assert (row["results/nrows"], row["results/ncols"]) == (2, 3)
+    (png,) = file.parent.glob("files/media/images/search_*.png")
+    assert_picture(png)
