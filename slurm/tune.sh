@@ -30,8 +30,9 @@ stop_ray() {
 trap stop_ray EXIT
 
 temp=/tmp/ray-${SLURM_JOB_ID}
+# The dashboard serves the state API through which Ray Train frees the workers of a trial Tune stopped.
 srun --nodes=1 --ntasks=1 -w "${nodes[0]}" ray start --head --block --node-ip-address="${head_ip}" --port="${port}" \
-  --num-cpus="${cpus}" --num-gpus="${gpus}" --include-dashboard=false --temp-dir="${temp}-head" &
+  --num-cpus="${cpus}" --num-gpus="${gpus}" --include-dashboard=true --temp-dir="${temp}-head" &
 pids+=($!)
 for node in "${nodes[@]:1}"; do
   srun --nodes=1 --ntasks=1 -w "${node}" ray start --block --address="${address}" --num-cpus="${cpus}" \

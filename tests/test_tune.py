@@ -17,6 +17,10 @@ pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("tune")]
 SEARCH = str(ROOT / "tune" / "search.py")
 DATA = ["--dataset", "synthetic", "--val-size", "300"]
 TINY = {"stages": 2, "base_width": 8, "blocks_per_stage": 1, "batch_size": 100}
+# What mutates in these searches changes no trained weight: tta only evaluation, test_subset nothing a
+# trial computes (trials never see the test set). So a trial that copies a top trial trains its next
+# epoch exactly as that trial did, if (and only if) it got its weights. (PB2 takes ranges only.)
+MUTATE = {"pbt": {"tta": {"choice": ["none", "flip"]}}, "pb2": {"test_subset": {"randint": [0, 100]}}}
 
 
 def search(args, cwd, timeout=400, **extra):
@@ -82,7 +86,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(rows(out)) == 4 and {row["status"] for row in rows(out)} == {"completed"}
     for name in finished:  # a finished trial was not started again
-        assert len((out / "trials" / f"{name}.starts").read_text().splitlines()) == 1
+        assert [e["event"] for e in journal(out, name)].count("start") == 1
 
 
 def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_path):
@@ -94,8 +98,9 @@ def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_p
     by_batch = {row["batch_size"]: row for row in rows(out)}
     assert by_batch["5000"]["status"] == "failed" and "larger than the training set" in by_batch["5000"]["error"]
     assert by_batch["100"]["status"] == "completed"
-    failed = next(p for p in (out / "trials").glob("*.starts") if p.with_suffix("").name.endswith("00001"))
-    assert len(failed.read_text().splitlines()) == 2  # tried, then retried once
+    failed = next(p.name.removesuffix(".events.jsonl") for p in (out / "trials").glob("*.events.jsonl")
+                  if p.name.removesuffix(".events.jsonl").endswith("00001"))
+    assert [e["event"] for e in journal(out, failed)] == ["start", "start"]  # tried, then retried once
 
 
 def test_two_worker_ddp_trial(tmp_path):
@@ -111,13 +116,13 @@ def test_two_worker_ddp_trial(tmp_path):
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed-zero2"])
 def test_pbt_with_two_worker_trials(tmp_path, backend):
-    """A good and a hopeless lr, one trial at a time (PBT pauses each at its perturbation for the other):
-    the hopeless one copies the good one's epoch-2 checkpoint, saved by its 2 workers."""
+    """A good and a hopeless lr, side by side (PBT runs a population of Ray Train trials at once): the
+    hopeless one copies a checkpoint the good one's 2 workers saved, and goes on from it on 2 workers."""
     out = tmp_path / "s"
-    sp = space(tmp_path, lr={"grid": [0.05, 1e-5]}, mutate={"tta": {"choice": ["none", "flip"]}})
-    r = search(["--space", sp, "--scheduler", "pbt", "--num-samples", "1", "--max-epochs", "3", "--perturbation-interval",
+    sp = space(tmp_path, lr={"grid": [0.05, 1e-5]}, mutate=MUTATE["pbt"])
+    r = search(["--space", sp, "--scheduler", "pbt", "--num-samples", "1", "--max-epochs", "4", "--perturbation-interval",
                 "1", "--mixed-precision", "no", "--backend", backend, "--workers-per-trial", "2", "--cpus-per-trial",
-                "0.5", "--max-concurrent", "1", "--output-dir", str(out)], tmp_path)
+                "0.45", "--output-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_exploits_continue_from_donors(out, r.stdout)
     for trial in (out / "trials").iterdir():
@@ -144,12 +149,12 @@ def journal(out, trial):
     return [json.loads(line) for line in (out / "trials" / f"{trial}.events.jsonl").read_text().splitlines()]
 
 
-def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path):
+@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
+def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path, scheduler):
     out = tmp_path / "s"
-    # Two good lrs and two hopeless ones; tta mutates, and it only changes evaluation: a trial that copies
-    # a top trial then trains its next epoch exactly as that trial did, if (and only if) it got its weights.
-    sp = space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate={"tta": {"choice": ["none", "flip"]}})
-    r = search(["--space", sp, "--scheduler", "pbt", "--num-samples", "1", "--max-epochs", "4",
+    # two good lrs and two hopeless ones
+    sp = space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate=MUTATE[scheduler])
+    r = search(["--space", sp, "--scheduler", scheduler, "--num-samples", "1", "--max-epochs", "4",
                 "--perturbation-interval", "1", "--mixed-precision", "no", "--output-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     reports = assert_exploits_continue_from_donors(out, r.stdout)
@@ -238,12 +243,20 @@ def test_bad_input_one_line_before_any_trial(tmp_path, main_in_process, entries,
     assert not ray.is_initialized()
 
 
-def test_a_search_larger_than_the_ray_cluster_is_one_line(tmp_path):
+@pytest.mark.parametrize("extra, text", [
+    (["--gpus-per-trial", "1"], "a trial needs 1 GPUs but the Ray cluster has 0"),
+    (["--scheduler", "pbt", "--num-samples", "2", "--workers-per-trial", "2", "--cpus-per-trial", "0.5",
+      "--max-epochs", "3"],
+     "--scheduler pbt with 2-worker trials runs the whole population at once: 2 trials need 2.2 CPUs, the Ray "
+     "cluster has 2"),
+])
+def test_a_search_larger_than_the_ray_cluster_is_one_line(tmp_path, extra, text):
     """The real command against the real (local) Ray it starts: asking for more than it has."""
     out = tmp_path / "s"
     start = time.time()
-    r = search(["--space", space(tmp_path), "--num-samples", "1", "--max-epochs", "1", "--output-dir", str(out),
-                "--gpus-per-trial", "1"], tmp_path, timeout=120)
-    assert_one_line_error(r.returncode, r.stderr, "a trial needs 1 GPUs but the Ray cluster has 0")
+    sp = space(tmp_path, mutate={"lr": {"loguniform": [0.01, 0.1]}})
+    r = search(["--space", sp, "--num-samples", "1", "--max-epochs", "1", "--output-dir", str(out), *extra], tmp_path,
+               timeout=120)
+    assert_one_line_error(r.returncode, r.stderr, text)
     assert not (out / "trials").exists()
     assert time.time() - start < 60

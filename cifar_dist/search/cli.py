@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--mixed-precision", default="auto", choices=allowed(*TOP_FIELDS["mixed_precision"]),
       help=f"every trial: {setting_help('mixed_precision')}")
     a("--tracker", default="none", help="tracker of every trial (wandb: one run per trial, grouped by search)")
-    a("--seed", type=int, default=0, help="seed of the search and of every trial (fixes the validation split)")
+    a("--seed", type=int, default=0, help="seed of the search (which trials it samples) and of every trial (fixes "
+      "the validation split)")
     a("--output-dir", type=Path, default=None, help="search directory (default runs/search-<timestamp>)")
     a("--address", default=os.environ.get("RAY_ADDRESS", ""), help="join this Ray cluster (default $RAY_ADDRESS); "
       "'local': always start a new Ray here, even if one is running")
@@ -125,21 +127,37 @@ def check_address(address: str) -> None:
         raise SearchError(f"cannot reach the Ray cluster at {address} ({e.__class__.__name__}: {e})") from None
 
 
-def start_ray(args: argparse.Namespace) -> None:
+def ray_train(args: argparse.Namespace) -> bool:
+    """Whether each trial is a Ray Train job (DDP or DeepSpeed workers) rather than one process."""
+    return args.workers_per_trial > 1 or is_deepspeed(args.backend)
+
+
+def trial_needs(args: argparse.Namespace) -> dict[str, float]:
+    """What one trial takes from the cluster: its workers, and a Ray Train trial's waiting function."""
+    return {"CPU": args.cpus_per_trial * args.workers_per_trial + (0.1 if ray_train(args) else 0),
+            "GPU": args.gpus_per_trial * args.workers_per_trial}
+
+
+def start_ray(args: argparse.Namespace, trials: int) -> None:
+    """Start or join Ray; refuse a trial (or, for PBT over Ray Train trials, a population) it cannot hold.
+    The dashboard runs for Ray Train trials: it serves the state API through which Ray Train frees the
+    workers of a trial that Tune stopped (ASHA) or paused (PBT); without it they would hold their CPUs."""
     import ray
 
     check_address(args.address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=False, log_to_driver=args.verbose, configure_logging=True,
+    kwargs = dict(include_dashboard=ray_train(args), log_to_driver=args.verbose, configure_logging=True,
                   logging_level="ERROR")
     ray.init(address=args.address or None, **kwargs)
     have = ray.cluster_resources()
-    need_gpu = args.gpus_per_trial * args.workers_per_trial
-    need_cpu = args.cpus_per_trial * args.workers_per_trial + (0.1 if args.workers_per_trial > 1 else 0)
-    if need_gpu > have.get("GPU", 0):
-        raise SearchError(f"a trial needs {need_gpu:g} GPUs but the Ray cluster has {have.get('GPU', 0):g}")
-    if need_cpu > have.get("CPU", 0):
-        raise SearchError(f"a trial needs {need_cpu:g} CPUs but the Ray cluster has {have.get('CPU', 0):g}")
+    for kind, need in trial_needs(args).items():
+        if need > have.get(kind, 0):
+            raise SearchError(f"a trial needs {need:g} {kind}s but the Ray cluster has {have.get(kind, 0):g}")
+        # PBT takes turns by pausing trials; a Ray Train trial cannot wait its turn, so all run at once
+        if args.scheduler in POPULATION and ray_train(args) and need * trials > have.get(kind, 0) + 1e-9:
+            raise SearchError(f"--scheduler {args.scheduler} with {args.workers_per_trial}-worker trials runs the "
+                              f"whole population at once: {trials} trials need {need * trials:g} {kind}s, the Ray "
+                              f"cluster has {have.get(kind, 0):g}; use fewer --num-samples or smaller trials")
 
 
 def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[str, Any], base: dict[str, Any],
@@ -147,6 +165,7 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     """The Tuner (or the restored one): the trial function, its resources, the scheduler on validation
     accuracy."""
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
 
     name = search_dir.name
     workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
@@ -154,15 +173,13 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
                                      use_gpu=use_gpu, per_worker=per_worker, backend=args.backend)
     # A Ray Train trial's function only waits on its workers, which ask for the real resources.
-    ray_train = workers > 1 or is_deepspeed(args.backend)
-    resources = {"cpu": 0.1} if ray_train else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    resources = {"cpu": 0.1} if ray_train(args) else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     trainable = tune.with_resources(trainable, resources)
-    if ray_train and not args.max_concurrent:  # else trial functions take the CPUs their workers need
-        import ray
+    if ray_train(args) and not args.max_concurrent and args.scheduler not in POPULATION:
+        import ray  # Tune counts only the functions: as many at once as their workers fit (PBT's all fit)
 
         have = ray.cluster_resources()
-        fits = [have.get(k, 0) // (v * workers) for k, v in per_worker.items() if v]
-        args.max_concurrent = max(1, int(min(fits)))
+        args.max_concurrent = max(1, int(min(have.get(k, 0) // v for k, v in trial_needs(args).items() if v)))
     keep = checkpoints_to_keep(args.scheduler, args.perturbation_interval)
     run_config = tune.RunConfig(name=name, storage_path=str(search_dir.parent.resolve()),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -173,8 +190,11 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
                                   resume_errored=False)
     scheduler = make_scheduler(args.scheduler, args.max_epochs, mutations, args.grace_period, args.reduction_factor,
                                args.perturbation_interval, args.quantile_fraction)
-    tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, num_samples=args.num_samples,
-                                  max_concurrent_trials=args.max_concurrent or None, reuse_actors=False)
+    random.seed(args.seed)  # PBT's and PB2's choices (which donor, which perturbation) are drawn here
+    sampler = BasicVariantGenerator(random_state=args.seed)  # the same --seed samples the same trials
+    tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, search_alg=sampler,
+                                  num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None,
+                                  reuse_actors=False)
     return tune.Tuner(trainable, param_space=to_tune(merged(space, mutations)), tune_config=tune_config,
                       run_config=run_config)
 
@@ -199,7 +219,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
                               f"(--num-samples {args.num_samples} x grid points)")
     check_mutations(mutations, base, args.scheduler)
     check_space(merged(space, mutations), base)
-    start_ray(args)
+    start_ray(args, population(space, args.num_samples))
     return search_dir, space, mutations, base
 
 

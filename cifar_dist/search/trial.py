@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,23 +29,64 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
     trial_id = tune.get_context().get_trial_id()
     trial_dir = Path(search_dir) / "trials" / trial_id
     trial_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(trial_dir.with_suffix(".starts"), "a") as f:  # how often this trial was (re)started
-        f.write(f"{time.time()}\n")
     exploits = restore_checkpoint(trial_dir, trial_id, params)
     config = dict(params=params, base={**base, "run_name": trial_id}, trial_dir=str(trial_dir), backend=backend,
                   exploits=exploits)
     if workers == 1 and not is_deepspeed(backend):
         train_and_report(config)
         return
-    from ray.train import RunConfig, ScalingConfig
+    config["ray_train"] = True
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
 
     # DeepSpeed needs a process group even for one worker: those trials always go through Ray Train.
-    TorchTrainer(train_and_report, train_loop_config=config,
-                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
-                 run_config=RunConfig(name=trial_id, storage_path=str(Path(search_dir) / "ray_train"),
-                                      callbacks=[TuneReportCallback()])).fit()
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(train_and_report, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                        resources_per_worker=per_worker),
+                           run_config=RunConfig(name=trial_id, storage_path=str(Path(search_dir) / "ray_train"),
+                                                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                                callbacks=[ForwardToTune(queue)]))
+    forward_reports(trainer, queue, trial_dir)
+
+
+def forward_reports(trainer: Any, queue: Any, trial_dir: Path) -> None:
+    """Run a Ray Train job and report to Tune, from this trial's own thread, each epoch's metrics with its
+    checkpoint (Ray's TuneReportCallback forwards only the checkpoint's path; PBT copies checkpoints that
+    Tune holds)."""
+    import queue as queues
+
+    failed: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # raised again in the trial's thread, where Tune sees it
+            failed.append(e)
+
+    runner = threading.Thread(target=fit, daemon=True)
+    runner.start()
+    while runner.is_alive() or not queue.empty():
+        try:
+            metrics, path = queue.get(timeout=1)
+        except queues.Empty:
+            continue
+        report_to_tune(trial_dir, metrics, Path(path) if path else None)
+    if failed:
+        raise failed[0]
+
+
+def ForwardToTune(queue: Any) -> Any:  # noqa: N802 (a class, built here: Ray Train is imported only for it)
+    from ray.train.v2.api.callback import UserCallback
+
+    class Forward(UserCallback):
+        """On the Ray Train controller: rank 0's metrics and the persisted checkpoint's path, to the trial."""
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            queue.put((metrics[0], checkpoint.path if checkpoint else None))
+
+    return Forward()
 
 
 ORIGIN = "origin.json"  # in every reported checkpoint: the trial, epoch and exploit count that made it
@@ -70,11 +112,22 @@ def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -
                              donor_epoch=origin["epoch"], donor_exploits=origin["exploits"], before=before,
                              donor_params=origin["params"], after=params)
                 shutil.rmtree(trial_dir, ignore_errors=True)  # its own run: config, pictures, W&B run id
+            # Tune's checkpoint is where the trial is: a Ray Train trial may have trained on (even to the
+            # end) after the report Tune paused it at
+            (trial_dir / "summary.json").unlink(missing_ok=True)
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
             for epoch_dir in Path(d).glob("epoch-*"):
                 shutil.copytree(epoch_dir, trial_dir / "checkpoints" / epoch_dir.name)
-    append_event(trial_dir, event="start", params=params, exploits=exploits)
+    append_event(trial_dir, event="start", params=params, exploits=exploits, time=time.time())
     return exploits
+
+
+def report_to_tune(trial_dir: Path, result: dict[str, Any], checkpoints: Path | None) -> None:
+    """One epoch to Tune, with the trial's checkpoint folder, and into the journal: what Tune was told."""
+    from ray import tune
+
+    append_event(trial_dir, event="report", **result)
+    tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(checkpoints)) if checkpoints else None)
 
 
 def retried(events: list[dict[str, Any]], origin: dict[str, Any]) -> bool:
@@ -103,13 +156,12 @@ def train_and_report(config: dict[str, Any]) -> None:
     """Runs in the trial process, or in each worker of a DDP trial (Ray Train sets up the process group).
     DeepSpeed comes as Accelerate's own DeepSpeedPlugin, built here from the backend's config file."""
     import ray
-    from ray import tune
 
     from cifar_dist.train import train
 
     trial_dir, trial_id = Path(config["trial_dir"]), config["base"]["run_name"]
     cfg = trial_config(config["params"], config["base"], trial_dir)
-    in_ray_train = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    in_ray_train = config.get("ray_train", False)  # a worker of a Ray Train job, or the trial's own process
     params = count_params(build_model(cfg.model))
     last: list[tuple[dict[str, Any], Path]] = []
 
@@ -119,13 +171,15 @@ def train_and_report(config: dict[str, Any]) -> None:
             return
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         result.update(params=params, exploits=config["exploits"])
-        ckpt = None
         if int(os.environ.get("RANK", "0")) == 0:
             origin = dict(trial=trial_id, epoch=metrics["epoch"], exploits=config["exploits"], params=config["params"])
             (checkpoint_dir.parent / ORIGIN).write_text(json.dumps(origin, default=plain))
-            append_event(trial_dir, event="report", **result)
-            ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir.parent))
-        (ray.train.report if in_ray_train else tune.report)(result, checkpoint=ckpt)
+        if not in_ray_train:
+            report_to_tune(trial_dir, result, checkpoint_dir.parent)
+        else:  # rank 0's checkpoint reaches Tune through forward_reports
+            rank0 = int(os.environ["RANK"]) == 0
+            ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir.parent))
+                             if rank0 else None)
 
     train(cfg, on_epoch=report, deepspeed_plugin=deepspeed_plugin(config["backend"]))
     for metrics, checkpoint_dir in last:  # now that summary.json and model.pt are written
