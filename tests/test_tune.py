@@ -224,6 +224,9 @@ def rows_of(path):
      "--perturbation-interval must be at least 1 and below --max-epochs 3, got 3"),
     ({"mutate": {"label_smoothing": {"choice": [0.0, 0.1]}}}, ["--scheduler", "pb2", "--num-samples", "2"],
      "mutate: label_smoothing needs one of {uniform, loguniform, randint: ...} (--scheduler pb2)"),
+    ({"mutate": {"lr": {"loguniform": [0.01, 0.1]}}}, ["--scheduler", "pbt", "--num-samples", "2",
+                                                        "--max-concurrent", "1"],
+     "--max-concurrent does not go with --scheduler pbt"),
     ({"mutate": {"label_smoothing": {"uniform": [0.0, 1.5]}}}, ["--scheduler", "pbt", "--num-samples", "2"],
      "label_smoothing=1.5: label_smoothing must be in [0, 1)"),
 ])

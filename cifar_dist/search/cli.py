@@ -32,6 +32,7 @@ from cifar_dist.search.trial import run_trial
 from cifar_dist.settings import allowed, describe
 
 PROG = "tune/search.py"
+WAITING_CPU = 0.1  # what a Ray Train trial's own function takes: it only waits on its workers
 SPACE = Path(__file__).resolve().parents[2] / "tune" / "space.yaml"
 
 
@@ -102,6 +103,9 @@ def check_args(args: argparse.Namespace) -> None:
                               f"got {args.perturbation_interval} (a trial is never perturbed at its last epoch)")
         if not 0 < args.quantile_fraction <= 0.5:
             raise SearchError(f"--quantile-fraction must be in (0, 0.5], got {args.quantile_fraction}")
+        if args.max_concurrent:  # Tune would not start the rest before the first ones finished
+            raise SearchError(f"--max-concurrent does not go with --scheduler {args.scheduler}: the population "
+                              "trains together (trials take turns when the cluster is smaller)")
 
 
 def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -134,7 +138,7 @@ def ray_train(args: argparse.Namespace) -> bool:
 
 def trial_needs(args: argparse.Namespace) -> dict[str, float]:
     """What one trial takes from the cluster: its workers, and a Ray Train trial's waiting function."""
-    return {"CPU": args.cpus_per_trial * args.workers_per_trial + (0.1 if ray_train(args) else 0),
+    return {"CPU": args.cpus_per_trial * args.workers_per_trial + (WAITING_CPU if ray_train(args) else 0),
             "GPU": args.gpus_per_trial * args.workers_per_trial}
 
 
@@ -173,7 +177,7 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
                                      use_gpu=use_gpu, per_worker=per_worker, backend=args.backend)
     # A Ray Train trial's function only waits on its workers, which ask for the real resources.
-    resources = {"cpu": 0.1} if ray_train(args) else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    resources = {"cpu": WAITING_CPU} if ray_train(args) else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     trainable = tune.with_resources(trainable, resources)
     if ray_train(args) and not args.max_concurrent and args.scheduler not in POPULATION:
         import ray  # Tune counts only the functions: as many at once as their workers fit (PBT's all fit)
