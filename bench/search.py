@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import RESULTS, ROOT, append_result, machine
 from cifar_dist.tables import text_table
@@ -39,7 +40,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def run_search(scheduler: str, out: Path, search_args: list[str]) -> dict:
+def run_search(scheduler: str, out: Path, search_args: list[str]) -> dict[str, Any]:
     """One search, timed; what it found, read back from its files."""
     if out.exists():
         sys.exit(f"bench.search: error: {out} exists; remove it or use another --out")
@@ -50,7 +51,9 @@ def run_search(scheduler: str, out: Path, search_args: list[str]) -> dict:
     wall = time.time() - start
     if r.returncode:
         sys.exit(f"bench.search: error: the {scheduler} search failed (exit {r.returncode}); see {out}")
-    trials = [row for row in read_csv(out / "results.csv") if row["status"] != "failed"]
+    trials = [row for row in read_csv(out / "results.csv") if row["status"] != "failed" and row["val_acc"]]
+    if not trials:
+        sys.exit(f"bench.search: error: no trial of the {scheduler} search finished an epoch; see {out}")
     best = max(trials, key=lambda row: float(row["val_acc"]))
     return dict(scheduler=scheduler, best_val_acc=float(best["val_acc"]), best_trial=best["trial"],
                 best_params=int(best["params"]), wall_seconds=round(wall, 1), trials=len(trials),

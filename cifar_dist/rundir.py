@@ -152,7 +152,12 @@ def finished_summary(out: Path, cfg: Config) -> dict[str, Any] | None:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in (out / "checkpoints").glob("epoch-*") if not p.name.endswith(".tmp"))
+    return epoch_dirs(out / "checkpoints")
+
+
+def epoch_dirs(folder: Path) -> list[Path]:
+    """The complete epoch checkpoints in a folder, oldest first (a half-written epoch-N.tmp is not one)."""
+    return sorted(p for p in folder.glob("epoch-*") if not p.name.endswith(".tmp"))
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int | str, keep: int) -> None:

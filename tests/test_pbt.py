@@ -2,13 +2,14 @@
 its replay as train.py commands (--stop-after, then a resume with the new settings), and what a mutated
 lr means (the schedule's peak scales, the position on it is kept). The search itself: test_tune.py."""
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from cifar_dist import train
 from cifar_dist.config import resolve, save_yaml
 from cifar_dist.search.report import replay_commands, schedule, write_replay
-from cifar_dist.search.space import clip, range_bounds
+from cifar_dist.search.schedulers import make_scheduler
 from cifar_dist.search.trial import retried
 from conftest import TINY, env, metrics, summary
 
@@ -57,11 +58,26 @@ def test_a_retried_exploit_is_not_a_second_exploit():
     assert not retried(chain()["b"], {"trial": "a", "epoch": 2})  # it reported since: a new exploit
 
 
-def test_explore_keeps_ranges_inside_their_bounds():
-    bounds = range_bounds({"lr": {"loguniform": [0.01, 0.1]}, "cutout": {"randint": [0, 9]},
-                           "tta": {"choice": ["none", "flip"]}})
-    assert clip({"lr": 0.12, "cutout": 11, "tta": "flip"}, bounds) == {"lr": 0.1, "cutout": 8, "tta": "flip"}
-    assert clip({"lr": 0.005, "cutout": 3.4, "tta": "none"}, bounds) == {"lr": 0.01, "cutout": 3, "tta": "none"}
+@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
+def test_explore_keeps_ranges_inside_their_bounds(scheduler):
+    """The scheduler's own explore step (Ray's, then ours): whatever it draws stays a valid setting."""
+    mutations = {"lr": {"loguniform": [0.01, 0.1]}, "cutout": {"randint": [0, 9]}}
+    if scheduler == "pbt":
+        mutations["tta"] = {"choice": ["none", "flip"]}
+    explore = make_scheduler(scheduler, 6, mutations)._custom_explore_fn
+    assert explore({"lr": 0.12, "cutout": 11, "tta": "flip"}) == {"lr": 0.1, "cutout": 8, "tta": "flip"}
+    assert explore({"lr": 0.005, "cutout": 3.4, "tta": "none"}) == {"lr": 0.01, "cutout": 3, "tta": "none"}
+
+
+def test_replay_flags_spell_every_kind_of_setting():
+    segments = [(0, {"lr": 0.1, "nesterov": True, "tta": "flip"}), (2, {"lr": 0.1, "nesterov": False, "tta": "none"}),
+                (4, {"lr": 0.08, "nesterov": True, "tta": "none"})]
+    commands = replay_commands(segments, Path("best.yaml"))
+    assert commands == [["--config", "best.yaml", "--stop-after", "2"],
+                        ["--config", "best.yaml", "--no-nesterov", "--tta", "none", "--stop-after", "4"],
+                        ["--config", "best.yaml", "--lr", "0.08", "--tta", "none"]]
+    for args in commands:  # each parses as train.py flags
+        resolve([*TINY, *args[2:]])
 
 
 def test_the_replay_script_trains_the_schedule_and_a_mutated_lr_keeps_its_place(tmp_path, main_in_process):

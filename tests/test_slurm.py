@@ -182,8 +182,8 @@ def test_signalled_job_checkpoints_requeues_and_resumes_every_epoch_once(cluster
 
 @pytest.mark.timeout(600)
 def test_tune_job_on_two_nodes_runs_a_pbt_search(cluster, tmp_path):
-    """A PBT search on a two-node Ray cluster, a trial on each node: the hopeless lr copies the good one's
-    checkpoint, saved on the other node."""
+    """A PBT search on a two-node Ray cluster (one CPU each, a trial on each): the hopeless lr copies the
+    good one's checkpoint."""
     space = tmp_path / "space.yaml"
     space.write_text("lr: {grid: [0.05, 0.00001]}\nstages: 2\nbase_width: 8\nblocks_per_stage: 1\nbatch_size: 100\n"
                      "mutate: {tta: {choice: [none, flip]}}\n")

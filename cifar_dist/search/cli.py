@@ -9,6 +9,7 @@ train.py trains directly (with `best-replay.sh` when PBT changed its settings du
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -19,6 +20,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cifar_dist import tracking
 from cifar_dist.config import TOP_FIELDS, OneLineParser
@@ -103,6 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
                               f"got {args.perturbation_interval} (a trial is never perturbed at its last epoch)")
         if not 0 < args.quantile_fraction <= 0.5:
             raise SearchError(f"--quantile-fraction must be in (0, 0.5], got {args.quantile_fraction}")
+        if args.scheduler == "pb2" and not all(importlib.util.find_spec(m) for m in ("GPy", "sklearn")):
+            raise SearchError("--scheduler pb2 needs GPy and scikit-learn: pip install -e '.[pb2]'")
         if args.max_concurrent:  # Tune would not start the rest before the first ones finished
             raise SearchError(f"--max-concurrent does not go with --scheduler {args.scheduler}: the population "
                               "trains together (trials take turns when the cluster is smaller)")
@@ -175,7 +180,8 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
     per_worker = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
     trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
-                                     use_gpu=use_gpu, per_worker=per_worker, backend=args.backend)
+                                     use_gpu=use_gpu, per_worker=per_worker, backend=args.backend,
+                                     ray_train=ray_train(args))
     # A Ray Train trial's function only waits on its workers, which ask for the real resources.
     resources = {"cpu": WAITING_CPU} if ray_train(args) else {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
     trainable = tune.with_resources(trainable, resources)
@@ -195,6 +201,7 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     scheduler = make_scheduler(args.scheduler, args.max_epochs, mutations, args.grace_period, args.reduction_factor,
                                args.perturbation_interval, args.quantile_fraction)
     random.seed(args.seed)  # PBT's and PB2's choices (which donor, which perturbation) are drawn here
+    np.random.seed(args.seed)  # PB2's too
     sampler = BasicVariantGenerator(random_state=args.seed)  # the same --seed samples the same trials
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, search_alg=sampler,
                                   num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None,
@@ -222,7 +229,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
             raise SearchError(f"--scheduler {args.scheduler} needs a population of at least 2 trials, got {n} "
                               f"(--num-samples {args.num_samples} x grid points)")
     check_mutations(mutations, base, args.scheduler)
-    check_space(merged(space, mutations), base)
+    check_space(merged(space, mutations), base)  # the first values
+    check_space(mutations, base)  # every value a mutation can reach (a range is kept inside its bounds)
     start_ray(args, population(space, args.num_samples))
     return search_dir, space, mutations, base
 

@@ -16,12 +16,13 @@ from cifar_dist import pictures
 from cifar_dist.config import Config, ConfigError, save_yaml
 from cifar_dist.model import build_model, count_params
 from cifar_dist.search.space import SearchError, trial_config
-from cifar_dist.search.trial import read_events
+from cifar_dist.search.trial import JOURNAL, read_events
 from cifar_dist.settings import with_role
 from cifar_dist.tables import text_table
 
 Journals = dict[str, list[dict[str, Any]]]  # trial id -> its events (trial.py)
 Segment = tuple[int, dict[str, Any]]  # (first epoch trained with these settings, the settings)
+EXPLOIT_COLUMNS = ("trial", "epoch", "donor", "donor_epoch")  # then <setting>_before/_donor/_after
 
 
 def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any], population: bool = False) -> list[dict[str, Any]]:
@@ -46,7 +47,7 @@ def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any], population: boo
 def trial_id(result: Any) -> str:
     """A trial's id, from its Tune directory (run_trial_<id>_<index>_<tag>_<date>): its last metrics may be
     a donor's (PBT hands a trial the result of the checkpoint it copies)."""
-    found = re.search(r"_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
+    found = re.match(r"run_trial_([0-9a-f]+_\d{5})_", Path(result.path or "").name)
     return found.group(1) if found else str((result.metrics or {}).get("trial_id", Path(result.path or "?").name))
 
 
@@ -57,8 +58,9 @@ def parameters(params: dict[str, Any], base: dict[str, Any]) -> int | None:
         return None
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+def write_csv(rows: list[dict[str, Any]], path: Path, first: tuple[str, ...] = ()) -> list[str]:
+    """Every row's columns, `first` first (written even without rows)."""
+    keys = list(dict.fromkeys([*first, *(k for row in rows for k in row)]))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -77,11 +79,7 @@ def write_record(search_dir: Path, rows: list[dict[str, Any]], events: Journals,
     """history.csv, exploits.csv (PBT), and search.png, which it returns for the trackers."""
     write_csv(history_rows(events), search_dir / "history.csv")
     if population:
-        exploits = exploit_rows(events)
-        if exploits:
-            write_csv(exploits, search_dir / "exploits.csv")
-        else:
-            (search_dir / "exploits.csv").write_text("trial,epoch,donor,donor_epoch\n")
+        write_csv(exploit_rows(events), search_dir / "exploits.csv", EXPLOIT_COLUMNS)
     sizes = {row["trial"]: (row["params"], row["val_acc"], row["status"]) for row in rows}
     picture = pictures.search_figure(reports(events), sizes, best)
     pictures.save_png(picture, search_dir / "search.png")
@@ -91,8 +89,8 @@ def write_record(search_dir: Path, rows: list[dict[str, Any]], events: Journals,
 # --- the trials' journals: history, exploits, the best trial's schedule ------------------------------
 
 def journals(search_dir: Path) -> Journals:
-    return {p.name.removesuffix(".events.jsonl"): read_events(p.parent / p.name.removesuffix(".events.jsonl"))
-            for p in sorted((search_dir / "trials").glob("*.events.jsonl"))}
+    trials = (p.with_name(p.name.removesuffix(JOURNAL)) for p in sorted((search_dir / "trials").glob(f"*{JOURNAL}")))
+    return {trial.name: read_events(trial) for trial in trials}
 
 
 def reports(events: Journals) -> dict[str, list[dict[str, Any]]]:
@@ -111,7 +109,7 @@ def exploit_rows(events: Journals) -> list[dict[str, Any]]:
     found = [(trial, e) for trial, es in events.items() for e in es if e["event"] == "exploit"]
     changed = sorted({k for _, e in found for k in e["after"]
                       if len({repr(e["before"].get(k)), repr(e["donor_params"].get(k)), repr(e["after"][k])}) > 1})
-    return [dict(trial=trial, epoch=e["epoch"], donor=e["donor"], donor_epoch=e["donor_epoch"],
+    return [dict(zip(EXPLOIT_COLUMNS, (trial, e["epoch"], e["donor"], e["donor_epoch"])),
                  **{f"{k}_{which}": e[field].get(k) for k in changed
                     for which, field in (("before", "before"), ("donor", "donor_params"), ("after", "after"))})
             for trial, e in found]

@@ -35,10 +35,15 @@ def load_space(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return raw, mutations
 
 
+NAMED_SETS = {"preset": "an architecture setting: a copied checkpoint must fit the model",
+              "recipe": "it defines the run (a recipe sets the optimizer and batch size)"}  # tables of settings
+
+
 def mutable(base: dict[str, Any]) -> list[str]:
     """The settings a trial may change mid-run: those of role "result" (a resumed run takes a new value
-    from the step it resumes), less what the search fixes for every trial (budget, evaluation)."""
-    return [k for k in with_role(Config, "result") if k not in base]
+    from the step it resumes), less what the search fixes for every trial (budget, evaluation) and the
+    names of whole sets of settings (a preset or recipe would change the model or the optimizer)."""
+    return [k for k in with_role(Config, "result") if k not in base and k not in NAMED_SETS]
 
 
 def check_mutations(mutations: dict[str, Any], base: dict[str, Any], scheduler: str) -> None:
@@ -55,6 +60,8 @@ def check_mutations(mutations: dict[str, Any], base: dict[str, Any], scheduler: 
 
 
 def why_fixed(key: str, base: dict[str, Any]) -> str:
+    if key in NAMED_SETS:
+        return NAMED_SETS[key]
     if key in ARCH_KEYS or key in MODEL_FIELDS:
         return "an architecture setting: a copied checkpoint must fit the model"
     if key not in TOP_FIELDS:

@@ -16,14 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar_dist.backends import deepspeed_plugin, is_deepspeed
+from cifar_dist.backends import deepspeed_plugin
 from cifar_dist.model import build_model, count_params
+from cifar_dist.rundir import LOCK, epoch_dirs, take_lock
 from cifar_dist.search.space import trial_config
+
+ORIGIN = "origin.json"  # in every reported checkpoint: the trial, epoch and exploit count that made it
+JOURNAL = ".events.jsonl"  # trials/<id>.events.jsonl
+PREVIOUS_RUN_S = 120  # how long a restarted trial waits for its previous run's workers to be gone
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, workers: int, use_gpu: bool,
-              per_worker: dict[str, float], backend: str) -> None:
-    """The Tune trainable: the training function of train.py, reporting each epoch to Tune."""
+              per_worker: dict[str, float], backend: str, ray_train: bool) -> None:
+    """The Tune trainable: the training function of train.py, reporting each epoch to Tune. A Ray Train
+    trial (DDP, or DeepSpeed, which needs a process group even for one worker) runs it in its workers."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -31,23 +37,23 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
     trial_dir.parent.mkdir(parents=True, exist_ok=True)
     exploits = restore_checkpoint(trial_dir, trial_id, params)
     config = dict(params=params, base={**base, "run_name": trial_id}, trial_dir=str(trial_dir), backend=backend,
-                  exploits=exploits)
-    if workers == 1 and not is_deepspeed(backend):
+                  exploits=exploits, ray_train=ray_train)
+    if not ray_train:
         train_and_report(config)
         return
-    config["ray_train"] = True
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    # DeepSpeed needs a process group even for one worker: those trials always go through Ray Train.
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    # Ray Train prunes before its callbacks run, and a worker may be a report ahead of them: keep the
+    # checkpoint being handed to Tune, the one after it and the one after that
     trainer = TorchTrainer(train_and_report, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                         resources_per_worker=per_worker),
                            run_config=RunConfig(name=trial_id, storage_path=str(Path(search_dir) / "ray_train"),
-                                                checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                                callbacks=[ForwardToTune(queue)]))
+                                                checkpoint_config=CheckpointConfig(num_to_keep=3),
+                                                callbacks=[forward_to_tune(queue)]))
     forward_reports(trainer, queue, trial_dir)
 
 
@@ -77,19 +83,15 @@ def forward_reports(trainer: Any, queue: Any, trial_dir: Path) -> None:
         raise failed[0]
 
 
-def ForwardToTune(queue: Any) -> Any:  # noqa: N802 (a class, built here: Ray Train is imported only for it)
+def forward_to_tune(queue: Any) -> Any:
+    """The Ray Train callback that hands rank 0's metrics and the persisted checkpoint's path to the trial."""
     from ray.train.v2.api.callback import UserCallback
 
     class Forward(UserCallback):
-        """On the Ray Train controller: rank 0's metrics and the persisted checkpoint's path, to the trial."""
-
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             queue.put((metrics[0], checkpoint.path if checkpoint else None))
 
     return Forward()
-
-
-ORIGIN = "origin.json"  # in every reported checkpoint: the trial, epoch and exploit count that made it
 
 
 def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -> int:
@@ -102,6 +104,7 @@ def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -
     events = read_events(trial_dir)
     exploits = sum(e["event"] == "exploit" for e in events)
     if checkpoint := tune.get_checkpoint():
+        wait_for_previous_run(trial_dir)
         with checkpoint.as_directory() as d:
             origin = json.loads((Path(d) / ORIGIN).read_text()) if (Path(d) / ORIGIN).exists() else {}
             if origin.get("trial", trial_id) != trial_id and not retried(events, origin):
@@ -116,18 +119,33 @@ def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -
             # end) after the report Tune paused it at
             (trial_dir / "summary.json").unlink(missing_ok=True)
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
-            for epoch_dir in Path(d).glob("epoch-*"):
+            for epoch_dir in epoch_dirs(Path(d)):
                 shutil.copytree(epoch_dir, trial_dir / "checkpoints" / epoch_dir.name)
     append_event(trial_dir, event="start", params=params, exploits=exploits, time=time.time())
     return exploits
 
 
-def report_to_tune(trial_dir: Path, result: dict[str, Any], checkpoints: Path | None) -> None:
+def wait_for_previous_run(trial_dir: Path) -> None:
+    """A paused or stopped Ray Train trial's workers end a moment after Tune restarts the trial: wait
+    until none holds the run's lock, before its directory is changed under them."""
+    deadline = time.monotonic() + PREVIOUS_RUN_S
+    while (trial_dir / LOCK).exists():
+        handle, why = take_lock(trial_dir)
+        if handle is not None or "in use" not in (why or ""):  # free (or a file system without locks)
+            if handle is not None:
+                handle.close()
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the previous run of {trial_dir} did not end in {PREVIOUS_RUN_S}s ({why})")
+        time.sleep(0.5)
+
+
+def report_to_tune(trial_dir: Path, result: dict[str, Any], checkpoint_dir: Path | None) -> None:
     """One epoch to Tune, with the trial's checkpoint folder, and into the journal: what Tune was told."""
     from ray import tune
 
     append_event(trial_dir, event="report", **result)
-    tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(checkpoints)) if checkpoints else None)
+    tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None)
 
 
 def retried(events: list[dict[str, Any]], origin: dict[str, Any]) -> bool:
@@ -137,14 +155,25 @@ def retried(events: list[dict[str, Any]], origin: dict[str, Any]) -> bool:
     return last.get("event") == "exploit" and (last["donor"], last["donor_epoch"]) == (origin["trial"], origin["epoch"])
 
 
+def journal(trial_dir: Path) -> Path:
+    return trial_dir.with_name(trial_dir.name + JOURNAL)
+
+
 def append_event(trial_dir: Path, **event: Any) -> None:
-    with open(trial_dir.with_suffix(".events.jsonl"), "a") as f:
+    with open(journal(trial_dir), "a") as f:
         f.write(json.dumps(event, default=plain) + "\n")
 
 
 def read_events(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir.with_suffix(".events.jsonl")
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The journal's events; a last line cut short (a trial killed while writing it) is left out."""
+    path = journal(trial_dir)
+    events = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
 
 
 def plain(value: Any) -> Any:
@@ -161,7 +190,7 @@ def train_and_report(config: dict[str, Any]) -> None:
 
     trial_dir, trial_id = Path(config["trial_dir"]), config["base"]["run_name"]
     cfg = trial_config(config["params"], config["base"], trial_dir)
-    in_ray_train = config.get("ray_train", False)  # a worker of a Ray Train job, or the trial's own process
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     params = count_params(build_model(cfg.model))
     last: list[tuple[dict[str, Any], Path]] = []
 
@@ -171,13 +200,12 @@ def train_and_report(config: dict[str, Any]) -> None:
             return
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         result.update(params=params, exploits=config["exploits"])
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             origin = dict(trial=trial_id, epoch=metrics["epoch"], exploits=config["exploits"], params=config["params"])
             (checkpoint_dir.parent / ORIGIN).write_text(json.dumps(origin, default=plain))
-        if not in_ray_train:
+        if not config["ray_train"]:
             report_to_tune(trial_dir, result, checkpoint_dir.parent)
         else:  # rank 0's checkpoint reaches Tune through forward_reports
-            rank0 = int(os.environ["RANK"]) == 0
             ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_dir.parent))
                              if rank0 else None)
 
