@@ -221,17 +221,18 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
     space, mutations = load_space(args.space)
     base = base_overrides(args, search_dir.name)
+    n = population(space, args.num_samples)
     if args.scheduler in POPULATION:
         if not mutations:
             raise SearchError(f"--scheduler {args.scheduler} needs a mutate: section in the search space "
                               f"{args.space}: the settings it may change during a trial")
-        if (n := population(space, args.num_samples)) < 2:
+        if n < 2:
             raise SearchError(f"--scheduler {args.scheduler} needs a population of at least 2 trials, got {n} "
                               f"(--num-samples {args.num_samples} x grid points)")
     check_mutations(mutations, base, args.scheduler)
     check_space(merged(space, mutations), base)  # the first values
     check_space(mutations, base)  # every value a mutation can reach (a range is kept inside its bounds)
-    start_ray(args, population(space, args.num_samples))
+    start_ray(args, n)
     return search_dir, space, mutations, base
 
 

@@ -49,5 +49,6 @@ def make_scheduler(name: str, max_epochs: int, mutations: dict[str, Any], grace_
 
 def checkpoints_to_keep(name: str, interval: int) -> int:
     """Tune's checkpoints kept per trial. PBT copies the checkpoint a top trial had at its last
-    perturbation, which may be up to an interval older than its newest: keep that many and one spare."""
+    perturbation. Synchronous PBT pauses it there, so that is its newest; the interval and a spare are
+    kept anyway, so that a copy never depends on the exact moment Tune prunes (Ray warns below 3)."""
     return interval + 2 if name in POPULATION else 1
