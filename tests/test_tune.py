@@ -49,6 +49,8 @@ def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     table = rows(out)
     assert len(table) == 4
+    spans = sorted((es[0]["time"], es[-1]["time"]) for es in (journal(out, row["trial"]) for row in table))
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))  # one at a time
     assert {row["status"] for row in table if float(row["lr"]) < 1e-3} == {"stopped early"}
     assert {row["status"] for row in table if float(row["lr"]) > 1e-3} == {"completed"}
     assert all(row["params"] == table[0]["params"] for row in table) and int(table[0]["params"]) > 0

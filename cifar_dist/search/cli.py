@@ -202,10 +202,11 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
                                args.perturbation_interval, args.quantile_fraction)
     random.seed(args.seed)  # PBT's and PB2's choices (which donor, which perturbation) are drawn here
     np.random.seed(args.seed)  # PB2's too
-    sampler = BasicVariantGenerator(random_state=args.seed)  # the same --seed samples the same trials
+    # The same --seed samples the same trials. The limit goes to the sampler itself: Tune ignores
+    # max_concurrent_trials (with a log line) when it is handed a sampler, and ran every trial at once
+    sampler = BasicVariantGenerator(random_state=args.seed, max_concurrent=args.max_concurrent)
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, search_alg=sampler,
-                                  num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent or None,
-                                  reuse_actors=False)
+                                  num_samples=args.num_samples, reuse_actors=False)
     return tune.Tuner(trainable, param_space=to_tune(merged(space, mutations)), tune_config=tune_config,
                       run_config=run_config)
 

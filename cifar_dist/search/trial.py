@@ -121,7 +121,7 @@ def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
             for epoch_dir in epoch_dirs(Path(d)):
                 shutil.copytree(epoch_dir, trial_dir / "checkpoints" / epoch_dir.name)
-    append_event(trial_dir, event="start", params=params, exploits=exploits, time=time.time())
+    append_event(trial_dir, event="start", params=params, exploits=exploits)
     return exploits
 
 
@@ -160,8 +160,9 @@ def journal(trial_dir: Path) -> Path:
 
 
 def append_event(trial_dir: Path, **event: Any) -> None:
+    """One event, stamped with the time it was written (when trials ran, and which ran at once)."""
     with open(journal(trial_dir), "a") as f:
-        f.write(json.dumps(event, default=plain) + "\n")
+        f.write(json.dumps({**event, "time": time.time()}, default=plain) + "\n")
 
 
 def read_events(trial_dir: Path) -> list[dict[str, Any]]:
