@@ -52,10 +52,12 @@ def test_a_trials_schedule_follows_its_donors_back_to_the_first_settings():
 
 
 def test_a_retried_exploit_is_not_a_second_exploit():
-    events = chain()["b"][:4]  # b's exploit, then b failed before it reported on a's weights
-    assert retried(events, {"trial": "a", "epoch": 2})
-    assert not retried(events, {"trial": "a", "epoch": 3})
-    assert not retried(chain()["b"], {"trial": "a", "epoch": 2})  # it reported since: a new exploit
+    a2 = {"trial": "a", "epoch": 2, "exploits": 0}
+    assert retried(chain()["b"][:4], a2)  # b's exploit, then b failed before it reported on a's weights
+    assert retried(chain()["b"], a2)  # or it reported since, and a resumed search rolled it back to the copy
+    assert not retried(chain()["b"], {**a2, "epoch": 4})  # a's newer checkpoint: a new exploit
+    assert not retried(chain()["c"], {"trial": "a", "epoch": 3, "exploits": 0})  # another donor than the last
+    assert not retried(chain()["a"], a2)  # a never copied anything
 
 
 @pytest.mark.parametrize("scheduler", ["pbt", "pb2"])

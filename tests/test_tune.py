@@ -92,6 +92,30 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
         assert [e["event"] for e in journal(out, name)].count("start") == 1
 
 
+def test_interrupted_pbt_search_resumes_the_population_and_keeps_its_exploits(tmp_path):
+    """Killed after the first perturbation, in the second interval: --resume brings every trial back
+    from the checkpoint Tune last saved for it (its own, or a copied one) and the population finishes."""
+    out = tmp_path / "s"
+    args = ["--space", space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate=MUTATE["pbt"]), "--scheduler",
+            "pbt", "--num-samples", "1", "--max-epochs", "4", "--perturbation-interval", "1", "--mixed-precision",
+            "no", "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, SEARCH, *DATA, *args], cwd=tmp_path,
+                            env=env(TUNE_GLOBAL_CHECKPOINT_S="0", RAY_ADDRESS="local"),
+                            stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    reports = lambda: sum(e["event"] == "report" for p in (out / "trials").glob("*.events.jsonl")  # noqa: E731
+                          for e in journal(out, p.name.removesuffix(".events.jsonl")))
+    while time.time() < deadline and reports() < 6:  # 4 at epoch 1, then 2 at epoch 2
+        time.sleep(0.5)
+    kill_tree(proc)
+    assert reports() >= 6 and not (out / "results.csv").exists(), (tmp_path / "first.log").read_text()[-3000:]
+    r = search([*args, "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(row["status"], row["epochs"]) for row in rows(out)] == [("completed", "4")] * 4
+    for trial, rs in assert_exploits_continue_from_donors(out, r.stdout).items():
+        assert sorted({e["epoch"] for e in rs}) == [1, 2, 3, 4], trial  # an epoch may be trained again, none lost
+
+
 def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_path):
     out = tmp_path / "s"
     # batch 5000 > the 1,700 training images: that trial raises every time it starts

@@ -149,10 +149,12 @@ def report_to_tune(trial_dir: Path, result: dict[str, Any], checkpoint_dir: Path
 
 
 def retried(events: list[dict[str, Any]], origin: dict[str, Any]) -> bool:
-    """Whether a copied checkpoint is the last exploit's, handed again because the trial failed before it
-    reported on its own."""
-    last = next((e for e in reversed(events) if e["event"] in ("exploit", "report")), {})
-    return last.get("event") == "exploit" and (last["donor"], last["donor_epoch"]) == (origin["trial"], origin["epoch"])
+    """Whether a copied checkpoint is the one the last exploit copied, handed again: the trial failed, or
+    the search was interrupted and resumed from a saved state older than the trial's later reports. Not a
+    new exploit: synchronous PBT copies a donor's checkpoint of the current interval, never one copied before."""
+    last = next((e for e in reversed(events) if e["event"] == "exploit"), None)
+    return last is not None and ((last["donor"], last["donor_epoch"], last["donor_exploits"])
+                                 == (origin["trial"], origin["epoch"], origin["exploits"]))
 
 
 def journal(trial_dir: Path) -> Path:
