@@ -35,7 +35,8 @@ def load_space(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return raw, mutations
 
 
-NAMED_SETS = {"preset": "an architecture setting: a copied checkpoint must fit the model",
+ARCHITECTURE = "an architecture setting: a copied checkpoint must fit the model"  # why it never mutates
+NAMED_SETS = {"preset": ARCHITECTURE,
               "recipe": "it defines the run (a recipe sets the optimizer and batch size)"}  # tables of settings
 
 
@@ -63,7 +64,7 @@ def why_fixed(key: str, base: dict[str, Any]) -> str:
     if key in NAMED_SETS:
         return NAMED_SETS[key]
     if key in ARCH_KEYS or key in MODEL_FIELDS:
-        return "an architecture setting: a copied checkpoint must fit the model"
+        return ARCHITECTURE
     if key not in TOP_FIELDS:
         return "unknown setting"
     role = TOP_FIELDS[key][1]["role"]
