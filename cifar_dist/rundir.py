@@ -132,6 +132,20 @@ def take_lock(out: Path) -> tuple[IO[str] | None, str | None]:
     return handle, None
 
 
+def held(out: Path) -> bool:
+    """Whether a live process holds out/.lock (what take_lock refuses as in use). Probed with a shared
+    lock, which only an exclusive one blocks, so the lock file is neither taken nor rewritten. A file
+    system without locks holds nothing."""
+    try:
+        with open(out / LOCK) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file, or no locks here
+        return False
+    return False
+
+
 def saved_differences(out: Path, wanted: dict[str, Any], keys: list[str]) -> list[str]:
     """Which of `keys` the run saved in out/config.yaml has with other values than `wanted` (none when
     out holds no run). IDENTITY refuses a directory; a benchmark compares all but INCIDENTAL."""

@@ -2,6 +2,8 @@
 its replay as train.py commands (--stop-after, then a resume with the new settings), and what a mutated
 lr means (the schedule's peak scales, the position on it is kept). The search itself: test_tune.py."""
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,9 @@ from cifar_dist import train
 from cifar_dist.config import resolve, save_yaml
 from cifar_dist.search.report import replay_commands, schedule, write_replay
 from cifar_dist.search.schedulers import make_scheduler
-from cifar_dist.search.trial import retried
+from cifar_dist.rundir import held, take_lock
+from cifar_dist.search import trial
+from cifar_dist.search.trial import retried, wait_for_previous_run
 from conftest import TINY, env, metrics, summary
 
 pytestmark = pytest.mark.timeout(300)
@@ -58,6 +62,21 @@ def test_a_retried_exploit_is_not_a_second_exploit():
     assert not retried(chain()["b"], {**a2, "epoch": 4})  # a's newer checkpoint: a new exploit
     assert not retried(chain()["c"], {"trial": "a", "epoch": 3, "exploits": 0})  # another donor than the last
     assert not retried(chain()["a"], a2)  # a never copied anything
+
+
+def test_a_restarted_trial_waits_for_its_previous_runs_lock(tmp_path, monkeypatch):
+    """Until the old run's lock is released (here after 1 s), and no longer than PREVIOUS_RUN_S."""
+    assert not held(tmp_path)  # no lock file
+    handle, _ = take_lock(tmp_path)
+    assert held(tmp_path)
+    monkeypatch.setattr(trial, "PREVIOUS_RUN_S", 0.5)
+    with pytest.raises(RuntimeError, match="did not end in 0.5s"):
+        wait_for_previous_run(tmp_path)
+    monkeypatch.setattr(trial, "PREVIOUS_RUN_S", 30)
+    threading.Timer(1, handle.close).start()
+    start = time.monotonic()
+    wait_for_previous_run(tmp_path)
+    assert 0.9 < time.monotonic() - start < 10 and not held(tmp_path)
 
 
 @pytest.mark.parametrize("scheduler", ["pbt", "pb2"])

@@ -18,7 +18,7 @@ from typing import Any
 
 from cifar_dist.backends import deepspeed_plugin
 from cifar_dist.model import build_model, count_params
-from cifar_dist.rundir import LOCK, epoch_dirs, take_lock
+from cifar_dist.rundir import LOCK, epoch_dirs, held
 from cifar_dist.search.space import trial_config
 
 ORIGIN = "origin.json"  # in every reported checkpoint: the trial, epoch and exploit count that made it
@@ -129,14 +129,9 @@ def wait_for_previous_run(trial_dir: Path) -> None:
     """A paused or stopped Ray Train trial's workers end a moment after Tune restarts the trial: wait
     until none holds the run's lock, before its directory is changed under them."""
     deadline = time.monotonic() + PREVIOUS_RUN_S
-    while (trial_dir / LOCK).exists():
-        handle, why = take_lock(trial_dir)
-        if handle is not None or "in use" not in (why or ""):  # free (or a file system without locks)
-            if handle is not None:
-                handle.close()
-            return
+    while held(trial_dir):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the previous run of {trial_dir} did not end in {PREVIOUS_RUN_S}s ({why})")
+            raise RuntimeError(f"the previous run of {trial_dir} did not end in {PREVIOUS_RUN_S}s (it holds {LOCK})")
         time.sleep(0.5)
 
 
