@@ -156,6 +156,7 @@ def test_unknown_tracker_is_refused(tmp_path, tiny_args, main_in_process):
 def test_a_search_is_logged_as_a_wandb_run_of_its_group(tmp_path, monkeypatch):
     """tune/search.py's last step, in this process: search.png and the results table, as one W&B run
     (job type search) in the group of the search's trials."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
     from wandb_history import payloads
 
@@ -168,6 +169,9 @@ def test_a_search_is_logged_as_a_wandb_run_of_its_group(tmp_path, monkeypatch):
     picture = pictures.search_figure(reports, {"t1": (1000, 0.5, "completed"), "t2": (2000, 0.45, "completed")}, "t1")
     rows = [dict(trial="t1", val_acc=0.5, params=1000), dict(trial="t2", val_acc=0.45, params=2000)]
     tracking.log_search(["wandb"], tmp_path, "search-9", {"search": picture}, rows)
+    # What the end of tune/search.py's process does: wait for W&B's service to have written the run's file
+    # (run.finish() can return before; a CI run once read only part of it)
+    wandb.teardown()
     (file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     run = next(r.run for r in map(pb.Record.FromString, payloads(file)) if r.WhichOneof("record_type") == "run")
     assert (run.run_group, run.job_type, run.display_name) == ("search-9", "search", "search-9-search")
