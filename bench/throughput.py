@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, append_result, machine
-from cifar_dist.tables import text_table
 from bench.tutorial import run_script
 from cifar_dist.config import resolve
 from cifar_dist.recipes import PRESETS
-
+from cifar_dist.tables import text_table
 
 # How our loop is started: as a module, or as the README's main job command.
 LAUNCH = {"python -m": [sys.executable, "-m", "cifar_dist.train"],

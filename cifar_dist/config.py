@@ -149,8 +149,8 @@ def check_config(cfg: Config) -> None:
         tracking.parse(cfg.tracker)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for name in ("cpu_threads", "train_subset", "test_subset", "val_size", "crop_padding", "cutout", "feature_maps_every",
-                 "whiten_bias_epochs", "stop_after"):
+    for name in ("cpu_threads", "train_subset", "test_subset", "val_size", "crop_padding", "cutout",
+                 "feature_maps_every", "whiten_bias_epochs", "stop_after"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.cutout > 32:

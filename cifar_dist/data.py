@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,10 +39,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> "Split":
+    def to(self, device: torch.device) -> Split:
         return Split(self.images.to(device), self.labels.to(device))
 
-    def take(self, idx: torch.Tensor) -> "Split":
+    def take(self, idx: torch.Tensor) -> Split:
         return Split(self.images[idx], self.labels[idx])
 
 

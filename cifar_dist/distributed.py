@@ -11,8 +11,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object,
-                               parse_flag_from_env)
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+    parse_flag_from_env,
+)
 
 from cifar_dist import machine
 from cifar_dist.config import Config, ConfigError

@@ -24,7 +24,8 @@ def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Con
     loss, confusion = accelerator.reduce(torch.cat([loss, confusion]), "sum").split([1, k * k])
     model.train()
     count = confusion.sum().item()
-    return loss.item() / max(count, 1), confusion.view(k, k).diagonal().sum().item() / max(count, 1), confusion.view(k, k)
+    matrix = confusion.view(k, k)
+    return loss.item() / max(count, 1), matrix.diagonal().sum().item() / max(count, 1), matrix
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:

@@ -7,7 +7,6 @@ built in, so callers need no statistics.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path

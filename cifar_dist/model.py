@@ -63,15 +63,17 @@ def check_spec(spec: ModelSpec) -> None:
         raise SpecError(f"widths must be positive, got stem {spec.stem_width} and {spec.widths}")
     check_choices(spec, SpecError)
     if any(b < (0 if spec.stage == "convpool" else 1) for b in spec.blocks):
-        raise SpecError(f"every stage needs at least one block (convpool stages: zero or more), got blocks {spec.blocks}")
+        raise SpecError("every stage needs at least one block (convpool stages: zero or more), "
+                        f"got blocks {spec.blocks}")
     if any(s not in (1, 2) for s in spec.strides):
         raise SpecError(f"strides must be 1 or 2, got {spec.strides}")
     if spec.stem == "whiten":
         if spec.stem_kernel not in (1, 2, 3):
             raise SpecError(f"a whitening stem_kernel must be 1, 2 or 3, got {spec.stem_kernel}")
         if spec.stem_width != 2 * 3 * spec.stem_kernel ** 2:
-            raise SpecError(f"a whitening stem has 2*3*k*k channels: stem_width must be "
-                            f"{2 * 3 * spec.stem_kernel ** 2} for stem_kernel {spec.stem_kernel}, got {spec.stem_width}")
+            need = 2 * 3 * spec.stem_kernel ** 2
+            raise SpecError(f"a whitening stem has 2*3*k*k channels: stem_width must be {need} "
+                            f"for stem_kernel {spec.stem_kernel}, got {spec.stem_width}")
     elif spec.stem_kernel not in (1, 3, 5, 7):
         raise SpecError(f"stem_kernel must be 1, 3, 5 or 7, got {spec.stem_kernel}")
     if not 0 < spec.bn_momentum <= 1 or not 0 < spec.bn_eps < 1:

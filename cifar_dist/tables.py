@@ -1,7 +1,8 @@
 """The one plain-text table renderer: the model summary, the search's results and every bench script."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def cell(value: Any) -> str:

@@ -19,9 +19,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cifar_dist.backends import BACKENDS, is_deepspeed
 from cifar_dist.config import OneLineParser
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           f"head {world.head}:{world.port}: {line}", flush=True)
     # accelerate's own launcher (and torchrun's agent) would die of SIGUSR1, which SLURM sends to every
     # process of the job step: they inherit "ignore", and train.py installs its own handler.
-    child = subprocess.Popen(cmd, env={**env, **extra}, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    child = subprocess.Popen(cmd, env={**env, **extra},
+                             preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
     forward_signals(child)
     return child.wait()
 

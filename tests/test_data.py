@@ -4,6 +4,7 @@ import torch
 
 from cifar_dist import data as D
 from cifar_dist.config import Config, resolve
+
 from conftest import write_bin, write_cifar100, write_py
 
 

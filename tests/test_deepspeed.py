@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_MODEL, ROOT, accelerate_launch, env, free_port, kill_tree, metrics, summary, wait_for_file
+from conftest import ROOT, TINY_MODEL, accelerate_launch, env, free_port, kill_tree, metrics, summary, wait_for_file
 
 pytestmark = pytest.mark.timeout(400)
 FP32 = [*TINY_MODEL, "--mixed-precision", "no"]  # the launcher's configs leave the precision to train.py (auto)

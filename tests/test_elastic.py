@@ -16,8 +16,18 @@ import psutil
 import pytest
 import torch
 
-from conftest import (ROOT, TINY, accelerate_launch, env, free_port, kill_tree, metrics, run_train, summary,
-                      wait_for_file)
+from conftest import (
+    ROOT,
+    TINY,
+    accelerate_launch,
+    env,
+    free_port,
+    kill_tree,
+    metrics,
+    run_train,
+    summary,
+    wait_for_file,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

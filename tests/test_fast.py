@@ -7,9 +7,10 @@ from safetensors.torch import load_file
 from cifar_dist import data as D
 from cifar_dist import flops as FL
 from cifar_dist.config import resolve
-from cifar_dist.model import ModelSpec, SpecError, build_model, check_spec, count_params, output_size
 from cifar_dist.evaluate import predict
+from cifar_dist.model import ModelSpec, SpecError, build_model, check_spec, count_params, output_size
 from cifar_dist.optim import Lookahead, lr_factor, lr_factors, make_optimizer
+
 from conftest import metrics, run_train, summary
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,6 +9,7 @@ import pytest
 
 from cifar_dist import machine
 from cifar_dist.config import resolve
+
 from conftest import ROOT, TINY_MODEL, env, free_port, summary
 
 pytestmark = pytest.mark.timeout(300)

@@ -10,6 +10,7 @@ import torch
 from cifar_dist.config import resolve
 from cifar_dist.model import build_model
 from cifar_dist.optim import Muon, make_optimizer, orthogonalize
+
 from conftest import TINY, env, metrics, run_train, summary, wait_for_file
 
 pytestmark = pytest.mark.timeout(300)

@@ -10,11 +10,12 @@ import pytest
 
 from cifar_dist import train
 from cifar_dist.config import resolve, save_yaml
-from cifar_dist.search.report import replay_commands, schedule, write_replay
-from cifar_dist.search.schedulers import make_scheduler
 from cifar_dist.rundir import held, take_lock
 from cifar_dist.search import trial
+from cifar_dist.search.report import replay_commands, schedule, write_replay
+from cifar_dist.search.schedulers import make_scheduler
 from cifar_dist.search.trial import retried, wait_for_previous_run
+
 from conftest import TINY, env, metrics, summary
 
 pytestmark = pytest.mark.timeout(300)

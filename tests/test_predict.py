@@ -15,6 +15,7 @@ from cifar_dist import data as D
 from cifar_dist import predict as P
 from cifar_dist.evaluate import predict
 from cifar_dist.export import load_run
+
 from conftest import TINY, assert_one_line_error, env, run_train
 
 pytestmark = pytest.mark.timeout(300)

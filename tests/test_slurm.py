@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_MODEL, ROOT, env, metrics, summary, wait_for_file
+from conftest import ROOT, TINY_MODEL, env, metrics, summary, wait_for_file
 
 # One test worker for the module: its cluster listens on fixed ports.
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("slurm")]

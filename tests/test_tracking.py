@@ -84,6 +84,7 @@ def test_ddp_run_logs_one_wandb_run_tensorboard_and_pictures(tmp_path, tiny_args
 
 def test_wandb_respects_dir_project_name_group(tmp_path, tiny_args):
     from wandb.proto import wandb_internal_pb2 as pb
+
     from wandb_history import payloads
 
     wdir = tmp_path / "wandb-dir"
@@ -158,9 +159,10 @@ def test_a_search_is_logged_as_a_wandb_run_of_its_group(tmp_path, monkeypatch):
     (job type search) in the group of the search's trials."""
     import wandb
     from wandb.proto import wandb_internal_pb2 as pb
-    from wandb_history import payloads
 
     from cifar_dist import pictures, tracking
+
+    from wandb_history import payloads
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)

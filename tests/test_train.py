@@ -1,15 +1,16 @@
 """The real CLI, in subprocesses: outputs, resume after SIGKILL, bad input, divergence."""
 import math
-from pathlib import Path
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from cifar_dist import train
+
 from conftest import TINY, assert_one_line_error, env, metrics, run_train, summary, wait_for_file, write_bin
 
 pytestmark = pytest.mark.timeout(300)

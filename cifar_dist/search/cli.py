@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 
 from cifar_dist import tracking
+from cifar_dist.backends import BACKENDS, is_deepspeed
 from cifar_dist.config import TOP_FIELDS, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
-from cifar_dist.backends import BACKENDS, is_deepspeed
 from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
 from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
-from cifar_dist.search.space import (SearchError, check_mutations, check_space, load_space, merged, population,
-                                     to_tune)
+from cifar_dist.search.space import SearchError, check_mutations, check_space, load_space, merged, population, to_tune
 from cifar_dist.search.trial import run_trial
 from cifar_dist.settings import allowed, describe
 
@@ -194,7 +193,8 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     run_config = tune.RunConfig(name=name, storage_path=str(search_dir.parent.resolve()),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), verbose=0,
-                                stop={"epoch": args.max_epochs})  # before the scheduler: PBT never copies a finished trial
+                                # before the scheduler: PBT never copies a finished trial
+                                stop={"epoch": args.max_epochs})
     if args.resume:
         return tune.Tuner.restore(str(search_dir.resolve()), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
