@@ -3,6 +3,7 @@ the confusion matrix and the curves. Every picture is a uint8 HWC array, saved a
 directory and handed to the trackers."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from cifar_dist import tracking
 from cifar_dist.model import forward_outputs
+from cifar_dist.rundir import writing
 
 
 def layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -58,8 +60,15 @@ def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
+    """Written whole or not at all (a temporary file, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with writing(path):
+            Image.fromarray(array).save(tmp, format="PNG")
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def pyplot():
@@ -173,8 +182,8 @@ def search_figure(reports: dict[str, list[dict]], sizes: dict[str, tuple[int | N
                      marker="o", ms=3, label=trial if life == 0 else None)
             before = [r for r in rows if r["exploits"] < life]
             if before:  # the jump: from this trial's last own report to its first on the copied weights
-                ax1.plot([before[-1]["epoch"], part[0]["epoch"]], [100 * before[-1]["val_acc"], 100 * part[0]["val_acc"]],
-                         color=color, ls=":", lw=1)
+                jump = before[-1], part[0]
+                ax1.plot([r["epoch"] for r in jump], [100 * r["val_acc"] for r in jump], color=color, ls=":", lw=1)
                 ax1.plot(part[0]["epoch"], 100 * part[0]["val_acc"], "^", color=color, ms=8)
         if rows and sizes.get(trial, (None, None, ""))[2] == "stopped early":
             ax1.plot(rows[-1]["epoch"], 100 * rows[-1]["val_acc"], "x", color=color, ms=9, mew=2)

@@ -1,5 +1,6 @@
-"""The run directory: the guard that keeps two runs apart, checkpoints (atomic, rotated, resumed),
-the metrics and summary files, the training state a checkpoint carries, and the preemption stop."""
+"""The run directory: the guard that keeps two runs apart, checkpoints (atomic, rotated, checked,
+resumed), the metrics and summary files, the training state a checkpoint carries, the preemption stop,
+and what a failed write says."""
 from __future__ import annotations
 
 import fcntl
@@ -8,6 +9,9 @@ import os
 import signal
 import socket
 import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -175,19 +179,167 @@ def epoch_dirs(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(accelerator: Accelerator, out: Path, epoch: int | str, keep: int) -> None:
-    """Write epoch-N.tmp, then rename: a kill mid-save never leaves a half checkpoint as the latest."""
+    """Write epoch-N.tmp with its manifest, then rename: a kill mid-save never leaves a half checkpoint as
+    the latest, and a failed write (a full disk) leaves no .tmp behind."""
     final = out / "checkpoints" / (f"epoch-{epoch:04d}" if isinstance(epoch, int) else f"epoch-{epoch}")
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():  # the half save of a run killed while saving
         remove_tree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        with writing(final):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_manifest(tmp)
+    except WriteError:
+        if accelerator.is_main_process and tmp.exists():
+            remove_tree(tmp)
+        raise
     if accelerator.is_main_process:
         tmp.rename(final)
         for old in checkpoints(out)[:-keep]:
             remove_tree(old)
     accelerator.wait_for_everyone()
+
+
+# --- what makes a checkpoint whole ------------------------------------------------------------------
+
+MANIFEST = "manifest.json"  # in every checkpoint, written last: each file's size and CRC-32
+
+
+def write_manifest(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): [p.stat().st_size, crc32(p)]
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_atomic(folder / MANIFEST, json.dumps(files, indent=1) + "\n")
+
+
+def crc32(path: Path) -> str:
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
+
+
+def damage(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file cut short, changed or missing), or None when it
+    reads back whole. A checkpoint without a manifest (written before there were manifests) is read:
+    every file of it must deserialize."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return unreadable_file(folder)
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable ({e})"
+    for name, (size, crc) in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if (actual := path.stat().st_size) != size:
+            return f"{name} has {actual:,} of its {size:,} bytes"
+        if crc32(path) != crc:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def unreadable_file(folder: Path) -> str | None:
+    """The first file of a checkpoint without a manifest that does not deserialize, and why."""
+    from safetensors.torch import load_file
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".safetensors":
+                load_file(path)
+            elif path.suffix in (".bin", ".pt", ".pkl"):
+                torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # each library words a cut file its own way
+            return f"{path.name} does not read ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})"
+    return None
+
+
+def latest_readable(out: Path, accelerator: Accelerator) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that reads back whole, and a line for each newer one that does not, which is
+    moved aside to checkpoints/damaged/ (never deleted). The main process checks; every rank gets its
+    answer. When none reads, ConfigError, and nothing is moved."""
+    answer: list[Any] = [None, [], None]  # the checkpoint, the lines, the refusal
+    if accelerator.is_main_process:
+        answer = choose_checkpoint(checkpoints(out))
+    broadcast_object_list(answer)
+    if answer[2]:
+        raise ConfigError(answer[2])
+    return answer[0], answer[1]
+
+
+def choose_checkpoint(ckpts: list[Path]) -> list[Any]:
+    damaged: list[tuple[Path, str]] = []
+    for ckpt in reversed(ckpts):
+        if (why := damage(ckpt)) is None:
+            lines = [f"checkpoint {bad} is damaged ({reason}): moved to {set_aside(bad)}; resuming from {ckpt}"
+                     for bad, reason in damaged]
+            return [ckpt, lines, None]
+        damaged.append((ckpt, why))
+    if not damaged:
+        return [None, [], None]
+    found = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+    return [None, [], f"no readable checkpoint in {damaged[0][0].parent} ({found}); nothing was changed: move "
+                      "the folder away to train from the start"]
+
+
+def set_aside(ckpt: Path) -> Path:
+    folder = ckpt.parent / "damaged"
+    folder.mkdir(exist_ok=True)
+    dest, n = folder / ckpt.name, 1
+    while dest.exists():
+        n += 1
+        dest = folder / f"{ckpt.name}-{n}"
+    ckpt.rename(dest)
+    return dest
+
+
+# --- writes that fail -------------------------------------------------------------------------------
+
+class WriteError(Exception):
+    """A file of the run could not be written: its path and the file system's reason (a full disk, a
+    quota, a read-only mount)."""
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of `path` (a file or a folder being filled) into one WriteError that names it
+    and the system's reason. torch.save's C++ writer says only "unexpected pos" when the disk is full, and
+    safetensors words it its own way: the file system is then asked directly, by a small probe write
+    beside the path. An error the file system does not confirm is raised as it was."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception:
+        if (reason := unwritable(path)) is None:
+            raise
+        raise WriteError(f"cannot write {path}: {reason}") from None
+
+
+def unwritable(path: Path) -> str | None:
+    """The file system's reason a write at `path` fails now (No space left on device, Disk quota exceeded,
+    Read-only file system), or None when a 64 KiB probe written and synced beside it goes through."""
+    folder = path if path.is_dir() else path.parent
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return None
 
 
 def remove_tree(folder: Path) -> None:
@@ -202,11 +354,16 @@ def saved_by(path: Path) -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file of this process, then rename: a kill mid-write never leaves a half file, and
-    two processes writing the same path (Tune trials sharing a cache) never write into one temporary file."""
+    """Write a temporary file of this process, then rename: a kill or a full disk mid-write never leaves a
+    half file, and two processes writing the same path (Tune trials sharing a cache) never write into one
+    temporary file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
@@ -216,9 +373,15 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
 
 def save_results(accelerator: Accelerator, model: torch.nn.Module, out: Path, summary: dict[str, Any]) -> None:
     """Main process: model.pt (CPU tensors: loads anywhere), model_card.md, then summary.json, which marks
-    the run done."""
+    the run done. Each written whole or not at all."""
     weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
-    accelerator.save(weights, out / "model.pt")
+    tmp = out / f"model.pt.{os.getpid()}.tmp"
+    try:
+        with writing(out / "model.pt"):
+            accelerator.save(weights, tmp)
+            tmp.replace(out / "model.pt")
+    finally:
+        tmp.unlink(missing_ok=True)  # what a failed write left; gone already after the rename
     write_atomic(out / "model_card.md", model_card(summary))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -9,9 +9,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: the package comes from the install, not this folder
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -23,14 +24,27 @@ from accelerate.utils import set_seed
 from cifar_dist import data as D
 from cifar_dist import flops, machine, pictures, tracking
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
-from cifar_dist.distributed import (configure_deepspeed, make_accelerator, rank_digests, sync_batchnorm,
-                                   uses_deepspeed)
+from cifar_dist.distributed import configure_deepspeed, make_accelerator, rank_digests, sync_batchnorm, uses_deepspeed
 from cifar_dist.evaluate import evaluate
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
 from cifar_dist.optim import Lookahead, make_optimizer, make_scheduler
 from cifar_dist.progress import Progress
-from cifar_dist.rundir import (Preemption, TrainState, checkpoints, elastic_restarts, finished_summary, hold,
-                               output_dir, resume, save_checkpoint, save_preempted, save_results, write_metrics)
+from cifar_dist.rundir import (
+    Preemption,
+    TrainState,
+    WriteError,
+    checkpoints,
+    elastic_restarts,
+    finished_summary,
+    hold,
+    latest_readable,
+    output_dir,
+    resume,
+    save_checkpoint,
+    save_preempted,
+    save_results,
+    write_metrics,
+)
 
 PROG = "cifar_dist.train"
 
@@ -154,10 +168,13 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
         accelerator.register_for_checkpointing(lookahead)
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
               state, steps_per_epoch, choices, size)
-    if ckpts := checkpoints(out):
-        saved_world = resume(accelerator, ckpts[-1], optimizer, scheduler, state)
+    ckpt, damaged = latest_readable(out, accelerator)  # a damaged newer one is set aside, with a line
+    for line in damaged:
+        say(accelerator, line)
+    if ckpt is not None:
+        saved_world = resume(accelerator, ckpt, optimizer, scheduler, state)
         restart = f"; elastic restart {elastic_restarts()}" if elastic_restarts() else ""
-        say(accelerator, f"resumed from {ckpts[-1]} (epoch {state.epoch}, batch {state.batch}; saved by "
+        say(accelerator, f"resumed from {ckpt} (epoch {state.epoch}, batch {state.batch}; saved by "
                          f"{saved_world} process(es), resumed on {accelerator.num_processes}{restart})")
     if folder := os.environ.get("CIFAR_DIST_TRACE"):
         run.trace = Path(folder) / f"rank{accelerator.process_index}-pid{os.getpid()}.jsonl"
@@ -437,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"{PROG}: error: {e}; stopped, the last good checkpoint is kept", file=sys.stderr)
         return 3
+    except (WriteError, OSError) as e:  # a full disk, a quota, a read-only mount: the run is as it last was
+        what = e if isinstance(e, WriteError) else f"{e.filename or 'a file'}: {e.strerror or e}"
+        print(f"{PROG}: error: {what}; stopped, the last good checkpoint is kept: rerun the same command "
+              "once the problem is solved", file=sys.stderr)
+        return 4
     return 0
 
 
