@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import ROOT, append_result, machine
 from bench.tutorial import run_script
@@ -62,7 +63,7 @@ def ceiling(preset: str, batch: int, bf16: bool, seconds: float = 10.0, spec=Non
     from cifar_dist.model import build_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(spec or resolve(["--preset", preset]).model).to(device, memory_format=torch.channels_last)
+    model = build_model(spec or resolve(["--preset", preset]).model).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -111,7 +112,8 @@ def main() -> int:
 def side_by_side(a: argparse.Namespace) -> tuple[list[dict], float, float]:
     """The tutorial's loop and ours on seed3, interleaved round by round: ours in fp32 as a module and
     through accelerate launch, and through accelerate launch with the default precision (auto); the medians."""
-    pairs, cols = [], ["round", "tutorial", "ours", "accelerate launch", "accelerate launch, auto", "ratio"]
+    pairs: list[dict[str, Any]] = []
+    cols = ["round", "tutorial", "ours", "accelerate launch", "accelerate launch, auto", "ratio"]
     for i in range(a.rounds):
         t = tutorial(a.data_dir, a.images, a.workers)
         o = ours(a.data_dir, a.images, "seed3", "no", False, [])
@@ -153,7 +155,7 @@ def ceilings(a: argparse.Namespace, t_med: float) -> list[dict]:
     """seed3's bare training step at batch 100 and 256, fp32 and bf16, against the tutorial's median."""
     bound = []
     for batch in (100, 256):
-        row = dict(batch=batch, **{p: round(ceiling("seed3", batch, p == "bf16", a.ceiling_seconds))
+        row: dict[str, Any] = dict(batch=batch, **{p: round(ceiling("seed3", batch, p == "bf16", a.ceiling_seconds))
                                    for p in ("fp32", "bf16")})
         row["best / tutorial"] = f"{max(row['fp32'], row['bf16']) / t_med:.2f}x"
         bound.append(row)

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import ROOT, append_result, machine
 from bench.throughput import ceiling
@@ -139,15 +140,17 @@ def run_row(a: argparse.Namespace, name: str, args: list[str] | None) -> tuple[d
         args = [*args, *subsets]
         history, precision = ours(a.data_dir, target, args)
     hit = first_hit(history, target)
-    row = dict(row=name, target=f"{100 * target:.1f} %", seconds=f"{hit['elapsed']:.0f}" if hit else "never",
-               epoch=hit["epoch"] if hit else f">{len(history)}", precision=precision,
-               best=f"{100 * max((m.get('test_acc', 0) for m in history), default=0):.2f}")
-    if name == "94" and hit:
+    row: dict[str, Any] = dict(row=name, target=f"{100 * target:.1f} %",
+                               seconds=f"{hit['elapsed']:.0f}" if hit else "never",
+                               epoch=hit["epoch"] if hit else f">{len(history)}", precision=precision,
+                               best=f"{100 * max((m.get('test_acc', 0) for m in history), default=0):.2f}")
+    if name == "94" and hit and args is not None:
         row.update(bound(args, precision, a.ceiling_seconds, hit["epoch"]))
         row["vs ideal"] = f"{hit['elapsed'] / row['ideal_s']:.2f}x"
-    record = dict(args=args, seconds=hit["elapsed"] if hit else None, precision=precision,
-                  history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m} for m in history],
-                  **{k: row[k] for k in ("gflops", "ideal_s") if k in row})
+    record: dict[str, Any] = dict(args=args, seconds=hit["elapsed"] if hit else None, precision=precision,
+                                  history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m}
+                                           for m in history],
+                                  **{k: row[k] for k in ("gflops", "ideal_s") if k in row})
     return row, record
 
 

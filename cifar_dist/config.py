@@ -192,6 +192,7 @@ def _apply(cfg: Config, overrides: dict[str, Any], source: str) -> None:
     """Set fields from a flat or {model: {...}} mapping, type-checked."""
     flat = dict(overrides)
     flat.update(flat.pop("model", None) or {})
+    target: Config | ModelSpec
     for key, value in flat.items():
         key = key.replace("-", "_")
         if key in TOP_FIELDS:

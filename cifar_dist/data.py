@@ -410,6 +410,8 @@ def eval_batches(split: Split, batch_size: int, rank: int, world: int) -> Iterat
 class Normalize(torch.nn.Module):
     """Pixels -> normalised float batch: the one normalisation of training (uint8 batches on the device,
     scale 255, channels-last when asked) and of an exported model (float images in [0, 1], scale 1)."""
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool = False,
                  scale: float = 255.0):

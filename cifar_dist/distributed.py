@@ -119,6 +119,8 @@ class GlobalBatchNorm(torch.nn.BatchNorm2d):
         centred = xf - mean[None, :, None, None]
         var = all_reduce(centred.square().sum(dims)) / count
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None and self.running_mean is not None
+            assert self.running_var is not None
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

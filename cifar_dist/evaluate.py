@@ -1,6 +1,8 @@
 """Evaluation: loss, accuracy and confusion matrix over a split, with test-time augmentation."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from accelerate import Accelerator
 
@@ -28,7 +30,7 @@ def evaluate(model: torch.nn.Module, split: D.Split, norm: D.Normalize, cfg: Con
     return loss.item() / max(count, 1), matrix.diagonal().sum().item() / max(count, 1), matrix
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+def predict(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str = "none") -> torch.Tensor:
     """Logits, averaged over test-time augmentations: flip averages with the mirror image;
     flip-translate (airbench's 6 views) gives that half the weight and the mirrored pair of each
     1-pixel diagonal shift (up-left, down-right) a quarter each."""

@@ -143,6 +143,10 @@ class ConvPool(nn.Sequential):
 
 
 class ResNet(nn.Module):
+    stem: nn.Sequential
+    blocks: nn.Sequential
+    head: nn.Sequential
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         check_spec(spec)
@@ -151,12 +155,13 @@ class ResNet(nn.Module):
         if spec.stem == "whiten":
             whiten = nn.Conv2d(3, spec.stem_width, spec.stem_kernel, bias=True)
             whiten.weight.requires_grad_(False)  # set from the data by init_whitening, then fixed
-            nn.init.zeros_(whiten.bias)
+            nn.init.zeros_(whiten.bias)  # type: ignore[arg-type]  # bias=True: a tensor
             self.stem = nn.Sequential(whiten, activation(spec), pool[spec.stem_pool])
         else:
             self.stem = nn.Sequential(conv_bn(3, spec.stem_width, spec.stem_kernel, 1, spec), activation(spec),
                                       pool[spec.stem_pool])
-        blocks, cin = [], spec.stem_width
+        blocks: list[nn.Module] = []
+        cin = spec.stem_width
         block = Block if spec.block == "basic" else PlainBlock
         for width, n, stride in zip(spec.widths, spec.blocks, spec.strides):
             if spec.stage == "convpool":
@@ -169,7 +174,9 @@ class ResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         linear = nn.Linear(cin * (output_size(spec) ** 2 if spec.head == "flatten" else 1), spec.num_classes,
                            bias=spec.head_bias)
-        pooling = {"gap": [nn.AdaptiveAvgPool2d(1)], "max": [nn.AdaptiveMaxPool2d(1)], "flatten": []}[spec.head]
+        poolings: dict[str, list[nn.Module]] = {"gap": [nn.AdaptiveAvgPool2d(1)], "max": [nn.AdaptiveMaxPool2d(1)],
+                                                "flatten": []}
+        pooling = poolings[spec.head]
         self.head = nn.Sequential(*pooling, nn.Flatten(), linear)
         self.logit_scale = spec.logit_scale
         if spec.dirac_init:
@@ -187,6 +194,7 @@ class ResNet(nn.Module):
         the k x k patch covariance scaled by 1/sqrt(eigenvalue), and their negatives (so the
         activation after it keeps both signs). Known from airbench (Jordan 2024)."""
         conv = self.stem[0]
+        assert isinstance(conv, nn.Conv2d)
         k = conv.kernel_size[0]
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k)
         covariance = patches.T @ patches / len(patches)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
 from cifar_dist.config import Config
+from cifar_dist.model import ResNet
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -14,12 +16,13 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
     (lr scaled down with its fan-in for SGD), a whitening stem's bias (frozen later by its lr factor).
     Weight decay on conv/linear weights only; with decay_all on everything, at the same rate per step.
     With Muon the trained conv filters are a group of their own (its lr, no weight decay)."""
-    head = model.head[-1]
+    head, stem = cast(ResNet, model).head[-1], cast(ResNet, model).stem[0]  # a whitening stem: its conv
+    assert isinstance(head, torch.nn.Linear)
     head_scale = cfg.head_lr_scale or (min(1.0, 512 / head.in_features) if cfg.optimizer != "adam" else 1.0)
     head_ids = {id(p) for p in head.parameters()}
     norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                 for p in m.parameters()}
-    stem_bias = model.stem[0].bias if cfg.model.stem == "whiten" else None
+    stem_bias = cast(torch.nn.Conv2d, stem).bias if cfg.model.stem == "whiten" else None
 
     def kind(p: torch.nn.Parameter) -> str:
         if id(p) in head_ids:
@@ -73,7 +76,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0, muon=False))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> None:
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]  # no closure
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -12,13 +13,14 @@ from accelerate import Accelerator
 from PIL import Image
 
 from cifar_dist import tracking
-from cifar_dist.model import forward_outputs
+from cifar_dist.model import ResNet, forward_outputs
 from cifar_dist.rundir import writing
 
 
 def layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The stem, then every residual block, of any architecture in the family."""
-    return [("stem", model.stem)] + [(f"block{i}", b) for i, b in enumerate(model.blocks)]
+    net = cast(ResNet, model)
+    return [("stem", net.stem)] + [(f"block{i}", b) for i, b in enumerate(net.blocks)]
 
 
 def to_uint8(grid: torch.Tensor) -> np.ndarray:

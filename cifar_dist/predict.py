@@ -61,7 +61,7 @@ def load_image(path: Path) -> torch.Tensor:
     w, h = image.size
     if (w, h) != (32, 32):
         scale = 32 / min(w, h)
-        image = image.resize((max(32, round(w * scale)), max(32, round(h * scale))), Image.LANCZOS)
+        image = image.resize((max(32, round(w * scale)), max(32, round(h * scale))), Image.Resampling.LANCZOS)
         w, h = image.size
         left, top = (w - 32) // 2, (h - 32) // 2
         image = image.crop((left, top, left + 32, top + 32))

@@ -37,7 +37,8 @@ class TrainState:
     FIELDS = ("epoch", "step", "seconds", "history", "batch", "partial", "resumes")
 
     def __init__(self) -> None:
-        self.epoch, self.step, self.seconds, self.history = 0, 0, 0.0, []
+        self.epoch, self.step, self.seconds = 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
         self.batch, self.partial = 0, [0.0, 0.0, 0.0, 0.0]  # loss, correct, count, seconds of the epoch so far
         self.resumes: list[dict[str, Any]] = []
 
@@ -102,7 +103,7 @@ def hold(out: Path, accelerator: Accelerator) -> IO[str] | None:
     directory of a live one is refused on every rank, having changed nothing. Returns the lock (main
     process) to close at the end. (flock works across processes of one host and on most cluster file
     systems; on NFS it depends on the mount's lock support.)"""
-    handle, refusal = None, [None]
+    handle, refusal = None, list[str | None]([None])
     if accelerator.is_main_process:
         handle, refusal[0] = take_lock(out)
     broadcast_object_list(refusal)

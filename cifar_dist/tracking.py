@@ -47,9 +47,9 @@ def offline_without_key(out: Path, announce: bool) -> None:
                   flush=True)
 
 
-def wandb_dir(out: Path) -> dict[str, str]:
-    """W&B's files under the run's (or search's) own folder, unless WANDB_DIR says where."""
-    return {} if os.environ.get("WANDB_DIR") else {"dir": str(out)}
+def wandb_dir(out: Path) -> str | None:
+    """W&B's files under the run's (or search's) own folder, unless WANDB_DIR says where (None)."""
+    return None if os.environ.get("WANDB_DIR") else str(out)
 
 
 def log_search(names: list[str], folder: Path, group: str, images: dict[str, np.ndarray],
@@ -63,8 +63,8 @@ def log_search(names: list[str], folder: Path, group: str, images: dict[str, np.
     offline_without_key(folder, True)
     keys = list(dict.fromkeys(k for row in rows for k in row))
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), group=group, name=f"{group}-search",
-                     job_type="search", **wandb_dir(folder))
-    table = wandb.Table(columns=keys, data=[[row.get(k) for k in keys] for row in rows])
+                     job_type="search", dir=wandb_dir(folder))
+    table = wandb.Table(columns=list[str | int](keys), data=[[row.get(k) for k in keys] for row in rows])
     run.log({**{k: wandb.Image(v) for k, v in images.items()}, "results": table})
     run.finish()
 
@@ -93,8 +93,7 @@ def start(accelerator: Accelerator, names: list[str], config: dict[str, Any], ou
             id_file.write_text(secrets.token_hex(4))  # W&B run ids: short lowercase alphanumerics
         accelerator.wait_for_everyone()
         kwargs["wandb"] = dict(name=run_name or out.name, id=id_file.read_text().strip(), resume="allow",
-                               **({"group": group} if group else {}),
-                               **wandb_dir(out))
+                               **({"group": group} if group else {}), dir=wandb_dir(out))
     if "tensorboard" in names:
         accelerator.project_configuration.logging_dir = str(out / "tensorboard")
         # a resumed run drops what a killed attempt logged after the checkpoint's step

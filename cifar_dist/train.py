@@ -211,9 +211,10 @@ def build(cfg: Config, accelerator: Accelerator, train_set: D.Split,
     if cfg.optimizer == "muon" and deepspeed:
         raise ConfigError("--optimizer muon does not work under DeepSpeed (ZeRO hands the optimizer flat shards, "
                           "Muon needs whole filter banks); use the ddp backend")
-    model = build_model(cfg.model)
+    net = build_model(cfg.model)
     if cfg.model.stem == "whiten":  # from the first 5000 training images, the same on every rank
-        model.init_whitening(norm(train_set.images[:5000]).cpu())
+        net.init_whitening(norm(train_set.images[:5000]).cpu())
+    model: torch.nn.Module = net
     size = count_params(model), model_bytes(model)
     if cfg.sync_bn and accelerator.num_processes > 1:  # BatchNorm of one process needs no synchronising
         model = sync_batchnorm(model, accelerator.device)
@@ -307,6 +308,7 @@ def trace(run: Run, epoch: int, position: int, batch: D.Batch) -> None:
     sums = (pixels * torch.arange(1, pixels.shape[1] + 1)).sum(1)
     line = dict(epoch=epoch, batch=position, rank=run.accelerator.process_index,
                 world=run.accelerator.num_processes, ids=batch.ids.tolist(), pixels=sums.tolist())
+    assert run.trace is not None
     with open(run.trace, "a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -353,7 +355,7 @@ def end_epoch(run: Run, epoch: int, sums: list[float]) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t0
     if not math.isfinite(loss_sum):
         raise Diverged(f"training loss is {loss_sum / count} at epoch {epoch + 1}")
-    metrics = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
+    metrics: dict[str, Any] = dict(epoch=epoch + 1, train_loss=loss_sum / count, train_acc=correct / count)
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
         for name, split in run.evals.items():
             metrics[f"{name}_loss"], metrics[f"{name}_acc"], run.confusion = evaluate(

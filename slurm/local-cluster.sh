@@ -14,10 +14,31 @@ DIR=${SLURM_LOCAL_DIR:-/tmp/cifar-dist-slurm}
 CONF=$DIR/slurm.conf
 export SLURM_CONF=$CONF
 
+installed() { command -v slurmctld >/dev/null && command -v munged >/dev/null; }
+
+# Exit 3 (and nothing else) means "SLURM is not here and cannot be installed here": the tests skip on it.
 install() {
-  command -v slurmctld >/dev/null && command -v munged >/dev/null && return
+  installed && return
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "slurm-wlm and munge are not installed and this is not root with apt-get; install them" \
+      "(sudo apt-get install slurm-wlm munge) to run a local cluster" >&2
+    exit 3
+  fi
+  # One install at a time (two test sessions, or a user's own apt-get): wait for the other, then look again.
+  exec 9>"${TMPDIR:-/tmp}/cifar-dist-slurm-install.lock"
+  flock -w 900 9 || { echo "gave up waiting for another install of slurm-wlm (lock held for 15 minutes)" >&2; exit 1; }
+  installed && return
   echo "installing slurm-wlm and munge (apt-get)..."
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge) >/dev/null
+  local log; log=$(mktemp)
+  if ! { apt-get update -qq -o DPkg::Lock::Timeout=600 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
+           slurm-wlm munge; } >"$log" 2>&1; then
+    echo "installing slurm-wlm and munge failed; apt-get said:" >&2
+    tail -n 30 "$log" >&2
+    rm -f "$log"
+    exit 1
+  fi
+  rm -f "$log"
+  exec 9>&-
 }
 
 write_conf() {

@@ -16,6 +16,9 @@ export RAY_DEDUP_LOGS=0
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$("$PY" -c "import secrets; print(secrets.token_hex(32))")}
 read -r head_ip port < <("$PY" -m launcher --print-head) || { echo "cannot find the head node" >&2; exit 2; }
 address="${head_ip}:${port}"
+# Every Ray process of this job (srun passes the environment on) finds its own cluster through this, even
+# when another Ray runs on the same node: Ray Train's calls that free a stopped trial's workers need it.
+export RAY_ADDRESS="${address}"
 nodes=($(scontrol show hostnames "${SLURM_JOB_NODELIST}"))
 cpus=${SLURM_CPUS_PER_TASK:-1}
 gpus=$("$PY" -c "from launcher.launch import count_gpus; import os; print(count_gpus(dict(os.environ)))")

@@ -31,6 +31,43 @@ TINY_MODEL = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16",
 TINY = [*TINY_MODEL, "--lr", "0.05", "--log-every", "5", "--mixed-precision", "no"]
 
 
+# Every test that waits on a process gives up on its own before pytest-timeout would kill it, with the
+# child's last output in the failure: each wait below is cut to the time the test has left, less a margin.
+MARGIN_S = 20
+_deadline = [float("inf")]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The test's deadline: its timeout marker (or the ini's), from the start of its set-up, as
+    pytest-timeout counts it."""
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or "inf")
+    _deadline[0] = time.monotonic() + limit - MARGIN_S
+
+
+def time_left(wanted: float) -> float:
+    """`wanted` seconds, or what is left before the test's deadline if that is less."""
+    return max(1.0, min(wanted, _deadline[0] - time.monotonic()))
+
+
+def run(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True) that gives up after `timeout` seconds or at the
+    test's deadline: the whole process tree is killed (a launcher's ranks, a search's Ray) and the test
+    fails with the command and the last of its output, instead of being killed at the time limit."""
+    limit = time_left(timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"gave up after {limit:.0f}s: {' '.join(map(str, cmd))[:300]}\n--- its stdout, last lines:\n"
+                    f"{(out or '')[-3000:]}\n--- its stderr, last lines:\n{(err or '')[-3000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def env(**extra: str | None) -> dict[str, str]:
     """A clean environment for a subprocess; extra values of None unset a variable."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "WANDB_", "SLURM_", "RAY_"))}
@@ -41,8 +78,7 @@ def env(**extra: str | None) -> dict[str, str]:
 
 def run_train(args: list[str], cwd: Path, timeout: int = 240, **extra: str) -> subprocess.CompletedProcess:
     """`python -m cifar_dist.train`, one thread (env): the other core runs the other test worker."""
-    return subprocess.run([sys.executable, "-m", "cifar_dist.train", *args], cwd=cwd, env=env(**extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return run([sys.executable, "-m", "cifar_dist.train", *args], timeout, cwd=cwd, env=env(**extra))
 
 
 def accelerate_launch(args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300,
@@ -51,13 +87,13 @@ def accelerate_launch(args: list[str], cwd: Path, nproc: int = 2, timeout: int =
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
            "--dynamo_backend", "no", *(launch_flags or []), str(ROOT / "cifar_dist" / "train.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(ACCELERATE_USE_CPU="1", **extra), capture_output=True,
-                          text=True, timeout=timeout)
+    return run(cmd, timeout, cwd=cwd, env=env(ACCELERATE_USE_CPU="1", **extra))
 
 
 def wait_for_file(path: Path, timeout: float, poll: float = 0.05) -> bool:
-    """Poll until `path` exists (a checkpoint being written by another process); False on timeout."""
-    deadline = time.time() + timeout
+    """Poll until `path` exists (a checkpoint being written by another process); False on timeout (or at
+    the test's deadline)."""
+    deadline = time.time() + time_left(timeout)
     while time.time() < deadline and not path.exists():
         time.sleep(poll)
     return path.exists()
@@ -68,7 +104,10 @@ def kill_tree(proc: subprocess.Popen) -> None:
     a search driver and the local Ray it started), as a preempted job would lose them; then reap them."""
     import psutil
 
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # it ended by itself meanwhile
+        tree = []
     for p in tree:
         try:
             p.kill()

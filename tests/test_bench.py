@@ -8,16 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, env, write_bin
+from conftest import ROOT, TINY, env, run, write_bin
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def bench(module: str, args: list[str], cwd) -> subprocess.CompletedProcess:
     """`python -m bench.<module>`, as the README runs it (the repository on the path, here from elsewhere)."""
-    return subprocess.run([sys.executable, "-m", f"bench.{module}", *args], cwd=cwd,
-                          env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-                          timeout=280)
+    return run([sys.executable, "-m", f"bench.{module}", *args], 280, cwd=cwd, env=env(PYTHONPATH=str(ROOT)))
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +95,8 @@ def test_time_to_accuracy_reports_when_each_row_first_reached_its_target(cifar, 
 def test_gpu_script_dry_run_writes_airbench_data_and_our_commands(cifar, tmp_path):
     """bench/gpu.sh and bench.reference without a GPU: what airbench will read, what we will run."""
     work = tmp_path / "work"
-    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=280,
-                       env=env(DRY_RUN="1", CIFAR10_DIR=cifar, OUT=str(tmp_path / "out"), WORK=str(work), RUNS="2"))
+    r = run(["bash", str(ROOT / "bench" / "gpu.sh")], 280, cwd=ROOT,
+            env=env(DRY_RUN="1", CIFAR10_DIR=cifar, OUT=str(tmp_path / "out"), WORK=str(work), RUNS="2"))
     assert r.returncode == 0, r.stderr
     train = torch.load(work / "94" / "cifar10" / "train.pt")
     test = torch.load(work / "94" / "cifar10" / "test.pt")

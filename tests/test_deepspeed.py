@@ -4,7 +4,18 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, accelerate_launch, env, free_port, kill_tree, metrics, summary, wait_for_file
+from conftest import (
+    ROOT,
+    TINY_MODEL,
+    accelerate_launch,
+    env,
+    free_port,
+    kill_tree,
+    metrics,
+    run,
+    summary,
+    wait_for_file,
+)
 
 pytestmark = pytest.mark.timeout(400)
 FP32 = [*TINY_MODEL, "--mixed-precision", "no"]  # the launcher's configs leave the precision to train.py (auto)
@@ -18,7 +29,7 @@ def ds_cmd(config: str, args: list[str], nproc: int = 2) -> list[str]:
 
 
 def deepspeed_run(args, cwd, config="deepspeed-zero2.yaml", timeout=300, nproc=2):
-    return subprocess.run(ds_cmd(config, args, nproc), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return run(ds_cmd(config, args, nproc), timeout, cwd=cwd, env=env())
 
 
 def test_zero2_two_processes_really_deepspeed_identical_weights_same_loss_as_ddp(tmp_path):
@@ -93,8 +104,8 @@ def test_deepspeed_missing_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_launcher_selects_deepspeed_without_the_cpu_trap(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "launcher", "--dry-run", "--backend", "deepspeed-zero2", "--nproc", "2",
-                        "--", "--dataset", "synthetic"], cwd=tmp_path, env=env(), capture_output=True, text=True)
+    r = run([sys.executable, "-m", "launcher", "--dry-run", "--backend", "deepspeed-zero2", "--nproc", "2",
+             "--", "--dataset", "synthetic"], 60, cwd=tmp_path, env=env())
     assert r.returncode == 0
     assert "ACCELERATE_USE_CPU" not in r.stdout and "--multi_gpu" not in r.stdout
     assert "launcher/deepspeed-zero2.yaml --num_processes 2" in r.stdout

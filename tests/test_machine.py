@@ -10,7 +10,7 @@ import pytest
 from cifar_dist import machine
 from cifar_dist.config import resolve
 
-from conftest import ROOT, TINY_MODEL, env, free_port, summary
+from conftest import ROOT, TINY_MODEL, env, free_port, run, summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -105,8 +105,7 @@ def launch(args: list[str], cwd, nproc: int, **extra: str | None) -> subprocess.
     world = ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--num_processes", "1"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *world, "--main_process_port", str(free_port()),
            str(ROOT / "cifar_dist" / "train.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(ACCELERATE_USE_CPU="1", **extra), capture_output=True, text=True,
-                          timeout=240)
+    return run(cmd, 240, cwd=cwd, env=env(ACCELERATE_USE_CPU="1", **extra))
 
 
 def test_accelerate_launch_uses_every_core_and_chooses_the_precision(tmp_path):

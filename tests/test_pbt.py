@@ -1,7 +1,6 @@
 """What PBT leaves behind, without Ray: a trial's schedule of settings rebuilt from the trials' journals,
 its replay as train.py commands (--stop-after, then a resume with the new settings), and what a mutated
 lr means (the schedule's peak scales, the position on it is kept). The search itself: test_tune.py."""
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from cifar_dist.search.report import replay_commands, schedule, write_replay
 from cifar_dist.search.schedulers import make_scheduler
 from cifar_dist.search.trial import retried, wait_for_previous_run
 
-from conftest import TINY, env, metrics, summary
+from conftest import TINY, env, metrics, run, summary
 
 pytestmark = pytest.mark.timeout(300)
 ARCH = {"stages": 2, "base_width": 8}
@@ -114,8 +113,7 @@ def test_the_replay_script_trains_the_schedule_and_a_mutated_lr_keeps_its_place(
     assert [c[2:] for c in commands] == [["--stop-after", "2"], ["--lr", "0.06", "--stop-after", "3"], ["--lr", "0.072"]]
     write_replay(commands, tmp_path / "best-replay.sh", "c")
     out = tmp_path / "replayed"
-    r = subprocess.run(["bash", str(tmp_path / "best-replay.sh"), str(out)], cwd=tmp_path, env=env(),
-                       capture_output=True, text=True, timeout=240)
+    r = run(["bash", str(tmp_path / "best-replay.sh"), str(out)], 240, cwd=tmp_path, env=env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("stopped after epoch") == 2 and r.stdout.count("resumed from") == 2
     got, want = metrics(out), metrics(ref)

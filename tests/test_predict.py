@@ -3,7 +3,6 @@ answers against the model's own, through ONNX too; every bad input refused with 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cifar_dist.evaluate import predict
 from cifar_dist.export import load_run
 
 from conftest import TINY, assert_one_line_error, env, run_train
+from conftest import run as run_command
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,8 +37,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, torch.Tensor]:
 
 
 def predict_cli(args: list[str], cwd: Path) -> list[dict]:
-    r = subprocess.run([sys.executable, "-m", "cifar_dist.predict", *args, "--json"], cwd=cwd, env=env(),
-                       capture_output=True, text=True, timeout=240)
+    r = run_command([sys.executable, "-m", "cifar_dist.predict", *args, "--json"], 240, cwd=cwd, env=env())
     assert r.returncode == 0, r.stderr[-2000:]
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -62,8 +61,7 @@ def test_predictions_on_image_files_are_the_models_own(trained, tmp_path):
 
 def test_onnx_gives_the_same_answers_as_model_pt(trained, tmp_path):
     run, folder, _ = trained
-    r = subprocess.run([sys.executable, "-m", "cifar_dist.export", str(run)], cwd=tmp_path, env=env(),
-                       capture_output=True, text=True, timeout=240)
+    r = run_command([sys.executable, "-m", "cifar_dist.export", str(run)], 240, cwd=tmp_path, env=env())
     assert r.returncode == 0, r.stderr[-2000:]
     pt, onnx = predict_cli([str(run), str(folder)], tmp_path), predict_cli([str(run), str(folder), "--onnx"], tmp_path)
     for a, b in zip(pt, onnx):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, env, metrics, summary, wait_for_file
+from conftest import ROOT, TINY_MODEL, env, metrics, run, summary, time_left, wait_for_file
 
 # One test worker for the module: its cluster listens on fixed ports.
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("slurm")]
@@ -31,8 +31,7 @@ esac
 
 
 def launcher(args, tmp_path, **extra):
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=tmp_path, env=env(**extra),
-                          capture_output=True, text=True, timeout=60)
+    return run([sys.executable, "-m", "launcher", *args], 60, cwd=tmp_path, env=env(**extra))
 
 
 def test_dry_run_for_4_nodes_x_8_gpus_is_exactly_the_expected_command_per_node(tmp_path):
@@ -114,8 +113,9 @@ def test_an_unusable_master_port_is_refused(tmp_path, main_in_process):
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     e = env(SLURM_LOCAL_DIR=str(root / "cluster"), SLURMCTLD_PORT="26817", SLURMD_PORTS="27001-27002")
-    up = subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "up"], env=e, capture_output=True, text=True,
-                        timeout=300)
+    up = run([str(ROOT / "slurm" / "local-cluster.sh"), "up"], 300, env=e)
+    if up.returncode == 3 and os.environ.get("CI") != "true":  # no SLURM, and no root with apt-get to install it
+        pytest.skip(up.stderr.strip().splitlines()[-1])
     assert up.returncode == 0, up.stdout + up.stderr
     e["SLURM_CONF"] = str(root / "cluster" / "slurm.conf")
     yield e, root
@@ -133,18 +133,28 @@ def sbatch(cluster, script, sbatch_args, args, workdir):
 
 def job(cluster, job_id) -> dict:
     e, _ = cluster
-    out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=e, capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], env=e, capture_output=True, text=True,
+                             timeout=30).stdout
+    except subprocess.TimeoutExpired:  # a controller too busy to answer: ask again at the next poll
+        return {}
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
 def wait_for(cluster, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300) -> dict:
-    deadline = time.time() + timeout
+    """The job's record once it reaches one of `states`; gives up at `timeout` (or the test's deadline)
+    with the job's record, its log and the controller's log."""
+    limit = time_left(timeout)
+    deadline = time.time() + limit
     while time.time() < deadline:
         info = job(cluster, job_id)
         if info.get("JobState") in states:
             return info
         time.sleep(0.5)
-    raise AssertionError(f"job {job_id} still {job(cluster, job_id).get('JobState')} after {timeout}s")
+    _, root = cluster
+    logs = "".join(f"\n--- {p.name}, last lines:\n{p.read_text()[-2000:]}"
+                   for p in (*root.parent.rglob(f"slurm-{job_id}.out"), root / "cluster" / "slurmctld.log"))
+    raise AssertionError(f"job {job_id} not {'/'.join(states)} after {limit:.0f}s: {job(cluster, job_id)}{logs}")
 
 
 def test_sbatch_two_nodes_trains_one_ddp_world(cluster, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error, env, kill_tree, metrics, run_train, summary
+from conftest import ROOT, assert_one_line_error, env, free_port, kill_tree, metrics, run, run_train, summary
 
 # The searches of this module on one test worker (two at once would halve each one's CPUs).
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("tune")]
@@ -26,8 +26,7 @@ MUTATE = {"pbt": {"tta": {"choice": ["none", "flip"]}}, "pb2": {"test_subset": {
 
 def search(args, cwd, timeout=400, **extra):
     """The real command. RAY_ADDRESS=local: a Ray of its own, even beside another test's (Ray would join it)."""
-    return subprocess.run([sys.executable, SEARCH, *DATA, *args], cwd=cwd, env=env(RAY_ADDRESS="local", **extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return run([sys.executable, SEARCH, *DATA, *args], timeout, cwd=cwd, env=env(RAY_ADDRESS="local", **extra))
 
 
 def space(tmp_path, tiny=True, **entries):
@@ -141,12 +140,25 @@ def test_two_worker_ddp_trial(tmp_path):
     assert rows(out)[0]["status"] == "completed"
 
 
+@pytest.fixture(scope="module")
+def another_ray():
+    """A second Ray on this machine, with its dashboard, as another user's search or a SLURM job's Ray
+    would be. Ray's state API, through which Ray Train frees a paused trial's workers, then failed to find
+    the search's own cluster ("Found multiple active Ray instances"), and the search below waited for
+    ever. Stopped exactly (not `ray stop`, which would stop every Ray here)."""
+    proc = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=1",
+                             "--include-dashboard=true", f"--dashboard-port={free_port()}", "--disable-usage-stats"],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    yield
+    kill_tree(proc)
+
+
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed-zero2"])
-def test_pbt_with_two_worker_trials(tmp_path, backend):
+def test_pbt_with_two_worker_trials(tmp_path, another_ray, backend):
     """A good and a hopeless lr, side by side (PBT runs a population of Ray Train trials at once): the
-    hopeless one copies a checkpoint the good one's 2 workers saved, and goes on from it on 2 workers. One
-    perturbation: each one restarts both trials' workers (about 35 s alone here, 2.5x that beside the other
-    test worker in CI), and one is what this tests."""
+    hopeless one copies a checkpoint the good one's 2 workers saved, and goes on from it on 2 workers,
+    beside another Ray on the machine. One perturbation: each one restarts both trials' workers (about
+    35 s alone here, 2.5x that beside the other test worker in CI), and one is what this tests."""
     out = tmp_path / "s"
     sp = space(tmp_path, lr={"grid": [0.05, 1e-5]}, mutate=MUTATE["pbt"])
     r = search(["--space", sp, "--scheduler", "pbt", "--num-samples", "1", "--max-epochs", "2", "--perturbation-interval",

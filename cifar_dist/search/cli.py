@@ -154,9 +154,13 @@ def start_ray(args: argparse.Namespace, trials: int) -> None:
 
     check_address(args.address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=ray_train(args), log_to_driver=args.verbose, configure_logging=True,
-                  logging_level="ERROR")
-    ray.init(address=args.address or None, **kwargs)
+    kwargs: dict[str, Any] = dict(include_dashboard=ray_train(args), log_to_driver=args.verbose,
+                                  configure_logging=True, logging_level="ERROR")
+    if ray_train(args):
+        kwargs.update(own_state_api())
+    context = ray.init(address=args.address or None, **kwargs)
+    if ray_train(args) and context.dashboard_url:  # this process's own calls, on a cluster it joined too
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
     have = ray.cluster_resources()
     for kind, need in trial_needs(args).items():
         if need > have.get(kind, 0):
@@ -166,6 +170,22 @@ def start_ray(args: argparse.Namespace, trials: int) -> None:
             raise SearchError(f"--scheduler {args.scheduler} with {args.workers_per_trial}-worker trials runs the "
                               f"whole population at once: {trials} trials need {need * trials:g} {kind}s, the Ray "
                               f"cluster has {have.get(kind, 0):g}; use fewer --num-samples or smaller trials")
+
+
+def own_state_api() -> dict[str, Any]:
+    """Point Ray's state API at the Ray this search starts. Ray finds the cluster of a state call made in
+    a Ray process from $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else by looking for running clusters,
+    and with two on the machine (a second search, a SLURM job's Ray, a test beside a test) that lookup
+    fails ("Found multiple active Ray instances") or picks the newest. Ray Train frees the workers of a
+    trial Tune paused or stopped through that API: it then never did, and the search waited on CPUs that
+    were never freed. So the dashboard, which serves the API, gets a port chosen here, and its address is
+    in the environment before Ray starts: every Ray process started now inherits it. (Joining a running
+    cluster, Ray ignores the port; slurm/tune.sh sets $RAY_ADDRESS for the Ray it starts.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return dict(dashboard_host="127.0.0.1", dashboard_port=port)
 
 
 def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[str, Any], base: dict[str, Any],

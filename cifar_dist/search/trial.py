@@ -110,7 +110,7 @@ def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -
             if origin.get("trial", trial_id) != trial_id and not retried(events, origin):
                 exploits += 1
                 own = [e for e in events if e["event"] == "report"]
-                before = next((e["params"] for e in reversed(events) if e["event"] == "start"), {})
+                before: dict[str, Any] = next((e["params"] for e in reversed(events) if e["event"] == "start"), {})
                 append_event(trial_dir, event="exploit", epoch=own[-1]["epoch"] if own else 0, donor=origin["trial"],
                              donor_epoch=origin["epoch"], donor_exploits=origin["exploits"], before=before,
                              donor_params=origin["params"], after=params)
