@@ -138,10 +138,13 @@ def use_deterministic_kernels(on: bool) -> None:
     thread count) repeats every float; off: torch's defaults (a run sets both ways: the setting is the
     process's, and a Tune worker runs one trial after another). Called before the first CUDA call: cuBLAS
     reads its workspace setting once. An op without a deterministic kernel does not stop the run; one line
-    names it."""
+    names it. Only a change is made: torch's call imports its compiler's config (2-3 s at every start on a
+    2-core CPU), and a process starts with it off."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    if on != torch.are_deterministic_algorithms_enabled() or (
+            on and not torch.is_deterministic_algorithms_warn_only_enabled()):
+        torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     if on:
         torch.backends.cudnn.benchmark = False

@@ -376,13 +376,18 @@ def save_results(accelerator: Accelerator, model: torch.nn.Module, out: Path, su
     """Main process: model.pt (CPU tensors: loads anywhere), model_card.md, then summary.json, which marks
     the run done. Each written whole or not at all."""
     weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
-    tmp = out / f"model.pt.{os.getpid()}.tmp"
+    # in a folder of its own: torch.save records the file's name in the file, and the same weights give
+    # the same bytes (a test compares them)
+    tmp = out / f".model-{os.getpid()}.tmp" / "model.pt"
     try:
         with writing(out / "model.pt"):
+            tmp.parent.mkdir(exist_ok=True)
             accelerator.save(weights, tmp)
             tmp.replace(out / "model.pt")
     finally:
         tmp.unlink(missing_ok=True)  # what a failed write left; gone already after the rename
+        if tmp.parent.exists():
+            tmp.parent.rmdir()
     write_atomic(out / "model_card.md", model_card(summary))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -195,7 +195,8 @@ def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path
     out = tmp_path / "s"
     # two good lrs and two hopeless ones
     sp = space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate=MUTATE[scheduler])
-    r = search(["--space", sp, "--scheduler", scheduler, "--num-samples", "1", "--max-epochs", "4",
+    # one perturbation (after epoch 1) and an epoch on the copied weights: what this tests
+    r = search(["--space", sp, "--scheduler", scheduler, "--num-samples", "1", "--max-epochs", "2",
                 "--perturbation-interval", "1", "--mixed-precision", "no", "--output-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     reports = assert_exploits_continue_from_donors(out, r.stdout)
