@@ -46,6 +46,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _deadline[0] = time.monotonic() + limit - MARGIN_S
 
 
+# The modules whose tests run longest (Ray searches, a SLURM cluster, DeepSpeed, benchmarks), sent to the
+# test workers first: the short tests then fill the gaps instead of the long ones ending the suite alone.
+LONGEST_FIRST = ["test_tune", "test_slurm", "test_deepspeed", "test_bench", "test_elastic", "test_train"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__ if item.module else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's own order is kept
+
+
 def time_left(wanted: float) -> float:
     """`wanted` seconds, or what is left before the test's deadline if that is less."""
     return max(1.0, min(wanted, _deadline[0] - time.monotonic()))

@@ -13,8 +13,10 @@ from PIL import Image
 
 from conftest import ROOT, assert_one_line_error, env, free_port, kill_tree, metrics, run, run_train, summary
 
-# The searches of this module on one test worker (two at once would halve each one's CPUs).
-pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("tune")]
+# The searches of this module run two at a time, each with a Ray of its own (two searches on one machine
+# must work: see another_ray below), in two groups of about the same length (ray-a, ray-b): more at once
+# on two cores, and Ray's own processes slowed everything down (measured: four workers, slower than three).
+pytestmark = pytest.mark.timeout(420)
 SEARCH = str(ROOT / "tune" / "search.py")
 DATA = ["--dataset", "synthetic", "--val-size", "300"]
 TINY = {"stages": 2, "base_width": 8, "blocks_per_stage": 1, "batch_size": 100}
@@ -40,6 +42,7 @@ def rows(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.xdist_group("ray-b")
 def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
     out = tmp_path / "s"
     # the same good and hopeless lr twice each; one at a time, so ASHA has seen a good one at epoch 1
@@ -69,6 +72,7 @@ def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
     assert summary(tmp_path / "b")["test_acc"] > 0.3
 
 
+@pytest.mark.xdist_group("ray-b")
 def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     out = tmp_path / "s"
     args = ["--space", space(tmp_path, lr={"grid": [0.05, 0.04, 0.03, 0.02]}), "--num-samples", "1",
@@ -91,6 +95,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
         assert [e["event"] for e in journal(out, name)].count("start") == 1
 
 
+@pytest.mark.xdist_group("ray-a")
 def test_interrupted_pbt_search_resumes_the_population_and_keeps_its_exploits(tmp_path):
     """Killed after the first perturbation, in the second interval: --resume brings every trial back
     from the checkpoint Tune last saved for it (its own, or a copied one) and the population finishes."""
@@ -115,6 +120,7 @@ def test_interrupted_pbt_search_resumes_the_population_and_keeps_its_exploits(tm
         assert sorted({e["epoch"] for e in rs}) == [1, 2, 3, 4], trial  # an epoch may be trained again, none lost
 
 
+@pytest.mark.xdist_group("ray-a")
 def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_path):
     out = tmp_path / "s"
     # batch 5000 > the 1,700 training images: that trial raises every time it starts
@@ -129,6 +135,7 @@ def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_p
     assert [e["event"] for e in journal(out, failed)] == ["start", "start"]  # tried, then retried once
 
 
+@pytest.mark.xdist_group("ray-b")
 def test_two_worker_ddp_trial(tmp_path):
     out = tmp_path / "s"
     r = search(["--space", space(tmp_path, lr=0.05), "--num-samples", "1", "--max-epochs", "1",
@@ -153,6 +160,7 @@ def another_ray():
     kill_tree(proc)
 
 
+@pytest.mark.xdist_group("ray-a")
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed-zero2"])
 def test_pbt_with_two_worker_trials(tmp_path, another_ray, backend):
     """A good and a hopeless lr, side by side (PBT runs a population of Ray Train trials at once): the
@@ -171,6 +179,7 @@ def test_pbt_with_two_worker_trials(tmp_path, another_ray, backend):
             assert summary(trial)["world_size"] == 2
 
 
+@pytest.mark.xdist_group("ray-b")
 def test_deepspeed_zero2_trial(tmp_path):
     out = tmp_path / "s"
     r = search(["--space", space(tmp_path, lr=0.05), "--num-samples", "1", "--max-epochs", "1", "--backend",
@@ -190,6 +199,7 @@ def journal(out, trial):
     return [json.loads(line) for line in (out / "trials" / f"{trial}.events.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.xdist_group("ray-b")
 @pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
 def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path, scheduler):
     out = tmp_path / "s"
@@ -300,6 +310,7 @@ def test_bad_input_one_line_before_any_trial(tmp_path, main_in_process, entries,
 CPUS = os.cpu_count()  # what the local Ray gets
 
 
+@pytest.mark.xdist_group("ray-b")
 @pytest.mark.parametrize("extra, text", [
     (["--gpus-per-trial", "1"], "a trial needs 1 GPUs but the Ray cluster has 0"),
     # each trial fits (half the CPUs and its function's 0.1), two at once do not
