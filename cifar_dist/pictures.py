@@ -3,7 +3,6 @@ the confusion matrix and the curves. Every picture is a uint8 HWC array, saved a
 directory and handed to the trackers."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import cast
 
@@ -14,7 +13,7 @@ from PIL import Image
 
 from cifar_dist import tracking
 from cifar_dist.model import ResNet, forward_outputs
-from cifar_dist.rundir import writing
+from cifar_dist.rundir import replacing
 
 
 def layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -62,15 +61,10 @@ def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
-    """Written whole or not at all (a temporary file, then a rename)."""
+    """Written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with writing(path):
-            Image.fromarray(array).save(tmp, format="PNG")
-            tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def pyplot():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -103,7 +104,8 @@ def hold(out: Path, accelerator: Accelerator) -> IO[str] | None:
     directory of a live one is refused on every rank, having changed nothing. Returns the lock (main
     process) to close at the end. (flock works across processes of one host and on most cluster file
     systems; on NFS it depends on the mount's lock support.)"""
-    handle, refusal = None, list[str | None]([None])
+    handle: IO[str] | None = None
+    refusal: list[str | None] = [None]
     if accelerator.is_main_process:
         handle, refusal[0] = take_lock(out)
     broadcast_object_list(refusal)
@@ -354,17 +356,26 @@ def saved_by(path: Path) -> int:
     return len(list(path.glob("random_states_*.pkl")))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file of this process, then rename: a kill or a full disk mid-write never leaves a
-    half file, and two processes writing the same path (Tune trials sharing a cache) never write into one
-    temporary file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """The temporary path to write `path` through, renamed over it when the block ends: a kill or a full
+    disk mid-write never leaves a half file where a reader looks, and a failed write is a WriteError. It
+    lies in a folder of this process's own beside `path`, under the same name: two processes writing one
+    path (Tune trials sharing a cache) never share a temporary file, and torch.save, which records the
+    file's name in the file, writes the same bytes as to `path` itself."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp" / path.name
     try:
+        with writing(path):
+            tmp.parent.mkdir(exist_ok=True)
+            yield tmp
+            tmp.replace(path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)  # what a failed write left
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
         tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
@@ -376,18 +387,8 @@ def save_results(accelerator: Accelerator, model: torch.nn.Module, out: Path, su
     """Main process: model.pt (CPU tensors: loads anywhere), model_card.md, then summary.json, which marks
     the run done. Each written whole or not at all."""
     weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
-    # in a folder of its own: torch.save records the file's name in the file, and the same weights give
-    # the same bytes (a test compares them)
-    tmp = out / f".model-{os.getpid()}.tmp" / "model.pt"
-    try:
-        with writing(out / "model.pt"):
-            tmp.parent.mkdir(exist_ok=True)
-            accelerator.save(weights, tmp)
-            tmp.replace(out / "model.pt")
-    finally:
-        tmp.unlink(missing_ok=True)  # what a failed write left; gone already after the rename
-        if tmp.parent.exists():
-            tmp.parent.rmdir()
+    with replacing(out / "model.pt") as tmp:
+        accelerator.save(weights, tmp)
     write_atomic(out / "model_card.md", model_card(summary))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -27,7 +27,7 @@ install() {
   # One install at a time (two test sessions, or a user's own apt-get): wait for the other, then look again.
   exec 9>"${TMPDIR:-/tmp}/cifar-dist-slurm-install.lock"
   flock -w 900 9 || { echo "gave up waiting for another install of slurm-wlm (lock held for 15 minutes)" >&2; exit 1; }
-  installed && return
+  if installed; then exec 9>&-; return; fi  # installed meanwhile; closed, so the daemons do not inherit the lock
   echo "installing slurm-wlm and munge (apt-get)..."
   local log; log=$(mktemp)
   if ! { apt-get update -qq -o DPkg::Lock::Timeout=600 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=600 \
