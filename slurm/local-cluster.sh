@@ -96,6 +96,15 @@ up() {
     [ "$(sinfo -h -o '%t' 2>/dev/null | grep -c idle)" -ge 1 ] && [ "$(sinfo -h -N -o '%t' | grep -c idle)" = 2 ] && break
     sleep 0.2
   done
+  # A daemon that could not take its port (another cluster's, or any process's) exits at once, and sinfo
+  # would then answer from whatever holds the port: say so instead of going on with someone else's cluster.
+  for f in slurmctld slurmd-n1 slurmd-n2; do
+    if ! { [ -f "$DIR/$f.pid" ] && kill -0 "$(cat "$DIR/$f.pid")" 2>/dev/null; }; then
+      log=$DIR/${f}.log
+      echo "$f of $DIR did not stay up; its log says: $(grep -E 'fatal|error' "$log" 2>/dev/null | tail -n 1)" >&2
+      exit 1
+    fi
+  done
   sinfo -N
   echo "export SLURM_CONF=$CONF   # for sbatch, squeue, scontrol in your shell"
 }
@@ -106,7 +115,8 @@ stop_pidfile() {
   local pid; pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid"
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true  # still there after 10 s: its port must be free for the next cluster
   fi
   rm -f "$f"
 }
