@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -158,7 +159,7 @@ def start_ray(args: argparse.Namespace, trials: int) -> None:
                                   configure_logging=True, logging_level="ERROR")
     if ray_train(args):
         kwargs.update(own_state_api())
-    context = ray.init(address=args.address or None, **kwargs)
+    context = init_ray(args.address or None, kwargs)
     if ray_train(args) and context.dashboard_url:  # this process's own calls, on a cluster it joined too
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
     have = ray.cluster_resources()
@@ -170,6 +171,38 @@ def start_ray(args: argparse.Namespace, trials: int) -> None:
             raise SearchError(f"--scheduler {args.scheduler} with {args.workers_per_trial}-worker trials runs the "
                               f"whole population at once: {trials} trials need {need * trials:g} {kind}s, the Ray "
                               f"cluster has {have.get(kind, 0):g}; use fewer --num-samples or smaller trials")
+
+
+def init_ray(address: str | None, kwargs: dict[str, Any]) -> Any:
+    """ray.init, started a second time if the local Ray it starts misses its start-up deadline. Ray gives
+    its raylet a fixed 30 s to register with its GCS, and on a busy machine (two cores, another search or
+    a SLURM job's Ray beside this one) that has not always been enough: the search then ended before it
+    began. The processes of the first try are this process's children; they are stopped first."""
+    import ray
+
+    try:
+        return ray.init(address=address, **kwargs)
+    except Exception as e:
+        if address or "timed out during startup" not in str(e):
+            raise
+    print(f"{PROG}: the local Ray did not start within Ray's 30 s (a busy machine?); starting it again",
+          file=sys.stderr, flush=True)
+    ray.shutdown()
+    for child in own_children():
+        try:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    return ray.init(address=address, **kwargs)
+
+
+def own_children() -> list[int]:
+    """This process's children (Linux: from /proc, as Ray's own processes are started here)."""
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        found += [int(pid) for pid in task.read_text().split()]
+    return found
 
 
 def own_state_api() -> dict[str, Any]:
@@ -225,8 +258,9 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     # The same --seed samples the same trials. The limit goes to the sampler itself: Tune ignores
     # max_concurrent_trials (with a log line) when it is handed a sampler, and ran every trial at once
     sampler = BasicVariantGenerator(random_state=args.seed, max_concurrent=args.max_concurrent)
+    # reuse_actors: a trial process trains the next trial too (see trial.run_trial)
     tune_config = tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler, search_alg=sampler,
-                                  num_samples=args.num_samples, reuse_actors=False)
+                                  num_samples=args.num_samples, reuse_actors=True)
     return tune.Tuner(trainable, param_space=to_tune(merged(space, mutations)), tune_config=tune_config,
                       run_config=run_config)
 

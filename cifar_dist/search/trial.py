@@ -39,6 +39,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
     config = dict(params=params, base={**base, "run_name": trial_id}, trial_dir=str(trial_dir), backend=backend,
                   exploits=exploits, ray_train=ray_train)
     if not ray_train:
+        # Tune runs one trial after another in the same process (reuse_actors: a trial then costs no
+        # interpreter, torch and Ray start-up; that was most of a small trial's time). Each begins with
+        # Accelerate's process state as a new process has it: the previous trial's is kept otherwise.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         train_and_report(config)
         return
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -121,7 +128,7 @@ def restore_checkpoint(trial_dir: Path, trial_id: str, params: dict[str, Any]) -
             shutil.rmtree(trial_dir / "checkpoints", ignore_errors=True)
             for epoch_dir in epoch_dirs(Path(d)):
                 shutil.copytree(epoch_dir, trial_dir / "checkpoints" / epoch_dir.name)
-    append_event(trial_dir, event="start", params=params, exploits=exploits)
+    append_event(trial_dir, event="start", params=params, exploits=exploits, pid=os.getpid())  # pid: which process
     return exploits
 
 
