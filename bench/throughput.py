@@ -37,10 +37,10 @@ LAUNCH = {"python -m": [sys.executable, "-m", "cifar_dist.train"],
 
 
 def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool, extra: list[str],
-         launch: str = "python -m") -> float:
+         launch: str = "python -m", test_images: int = 500) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [*LAUNCH[launch], "--preset", preset, "--data-dir", data_dir,
-               "--train-subset", str(images), "--test-subset", "500", "--epochs", "2", "--mixed-precision",
+               "--train-subset", str(images), "--test-subset", str(test_images), "--epochs", "2", "--mixed-precision",
                precision, "--compile" if compiled else "--no-compile", "--output-dir", f"{tmp}/run", *extra]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
@@ -49,8 +49,8 @@ def ours(data_dir: str, images: int, preset: str, precision: str, compiled: bool
         return rows[-1]["images_per_second"]
 
 
-def tutorial(data_dir: str, images: int, workers: int) -> float:
-    history = run_script(data_dir, ["--epochs", "2", "--train-subset", str(images), "--test-subset", "500",
+def tutorial(data_dir: str, images: int, workers: int, test_images: int = 500) -> float:
+    history = run_script(data_dir, ["--epochs", "2", "--train-subset", str(images), "--test-subset", str(test_images),
                                     "--workers", str(workers)], "bench.throughput")
     return history[-1]["images_per_second"]
 
@@ -91,6 +91,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="", help="CIFAR-10 folder (default $CIFAR10_DIR, then ./data)")
     p.add_argument("--images", type=int, default=5000, help="training images per measured epoch")
+    p.add_argument("--test-images", type=int, default=500, help="test images each run evaluates (not timed)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved tutorial/ours rounds")
     p.add_argument("--workers", type=int, default=0, help="the tutorial DataLoader's workers")
     p.add_argument("--presets", default=",".join(PRESETS), help="presets for the second table ('' : skip it)")
@@ -102,8 +103,8 @@ def main() -> int:
     pairs, t_med, o_med = side_by_side(a)
     grid = presets_table(a)
     bound = ceilings(a, t_med)
-    path = append_result(a.results, dict(images=a.images, tutorial_workers=a.workers, rounds=pairs,
-                                         median_tutorial=t_med, median_ours=o_med,
+    path = append_result(a.results, dict(images=a.images, test_images=a.test_images, tutorial_workers=a.workers,
+                                         rounds=pairs, median_tutorial=t_med, median_ours=o_med,
                                          ratio=round(o_med / t_med, 2), presets=grid, ceiling=bound))
     print(f"appended to {path}")
     return 0
@@ -115,10 +116,10 @@ def side_by_side(a: argparse.Namespace) -> tuple[list[dict], float, float]:
     pairs: list[dict[str, Any]] = []
     cols = ["round", "tutorial", "ours", "accelerate launch", "accelerate launch, auto", "ratio"]
     for i in range(a.rounds):
-        t = tutorial(a.data_dir, a.images, a.workers)
-        o = ours(a.data_dir, a.images, "seed3", "no", False, [])
-        launched = ours(a.data_dir, a.images, "seed3", "no", False, [], "accelerate launch")
-        auto = ours(a.data_dir, a.images, "seed3", "auto", False, [], "accelerate launch")
+        t = tutorial(a.data_dir, a.images, a.workers, a.test_images)
+        o = ours(a.data_dir, a.images, "seed3", "no", False, [], test_images=a.test_images)
+        launched = ours(a.data_dir, a.images, "seed3", "no", False, [], "accelerate launch", a.test_images)
+        auto = ours(a.data_dir, a.images, "seed3", "auto", False, [], "accelerate launch", a.test_images)
         pairs.append({"round": i + 1, "tutorial": round(t), "ours": round(o), "accelerate launch": round(launched),
                       "accelerate launch, auto": round(auto), "ratio": f"{o / t:.2f}x"})
         print(text_table(pairs[-1:], cols), flush=True)
@@ -141,7 +142,7 @@ def presets_table(a: argparse.Namespace) -> list[dict]:
             for compiled in ([False, True] if a.compile else [False]):
                 n = a.images if preset != "resnet18" else max(1024, a.images // 5)  # resnet18 is ~20x the work
                 n = max(n, 3 * resolve(["--preset", preset]).batch_size)  # at least 3 steps of the recipe's batch
-                ips = ours(a.data_dir, n, preset, precision, compiled, [])
+                ips = ours(a.data_dir, n, preset, precision, compiled, [], test_images=a.test_images)
                 row[f"{'fp32' if precision == 'no' else precision}{'+compile' if compiled else ''}"] = round(ips)
                 print(f"  {preset} {precision} compile={compiled}: {ips:.0f} img/s", flush=True)
         grid.append(row)

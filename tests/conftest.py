@@ -51,12 +51,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 LONGEST_FIRST = ["test_tune", "test_slurm", "test_deepspeed", "test_bench", "test_elastic", "test_train"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
         name = item.module.__name__ if item.module else ""
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each module's own order is kept
+    # A module-scoped fixture is an expensive run that several tests only read. xdist gives each worker its
+    # own, so the tests using one go to the same worker (a group), where it runs once, not once per worker.
+    for item in items:
+        defs = item._fixtureinfo.name2fixturedefs  # a Function: every item here is a test function
+        shared = sorted(name for name, d in defs.items() if d[-1].scope == "module")
+        if shared and not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{','.join(shared)}"))
 
 
 def time_left(wanted: float) -> float:
@@ -191,23 +199,50 @@ def write_py(folder: Path, n: int = 20) -> dict[str, tuple[np.ndarray, np.ndarra
 
 
 @pytest.fixture
-def main_in_process(capsys, monkeypatch):
-    """Call a command's main(argv) in this process, for what is not about processes (bad input): returns
-    (exit code, stderr). Accelerate's process-wide state is reset afterwards."""
+def in_process(capsys, monkeypatch):
+    """Call a command's main(argv) in this process, for what is not about processes (bad input, a run whose
+    being a process is not what is tested: no interpreter, torch and compiler start-up to pay again), with
+    `environ` set meanwhile: returns what `run` returns. Accelerate's process-wide state is reset after
+    each call, as a new process would have it, and after the test."""
     from accelerate.state import AcceleratorState
 
-    def call(main, argv: list[str], **environ: str) -> tuple[int, str]:
-        for key, value in environ.items():
-            monkeypatch.setenv(key, value)
+    def call(main, argv: list[str], **environ: str | None) -> subprocess.CompletedProcess:
         capsys.readouterr()
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse: exit 2 with its usage line
-            code = e.code
-        return code, capsys.readouterr().err
+        with monkeypatch.context() as m:  # the environment a subprocess of run() would get: env(**environ)
+            wanted = env(**environ)
+            for key in set(os.environ) - set(wanted):
+                m.delenv(key)
+            for key, value in wanted.items():
+                m.setenv(key, value)
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse: exit 2 with its usage line
+                code = e.code
+            finally:
+                AcceleratorState._reset_state(reset_partial_state=True)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([main.__module__, *argv], code, out, err)
 
     yield call
-    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # and after the test (it may call main itself)
+
+
+@pytest.fixture
+def main_in_process(in_process):
+    """in_process, returning (exit code, stderr)."""
+    def call(main, argv: list[str], **environ: str | None) -> tuple[int, str]:
+        r = in_process(main, argv, **environ)
+        return r.returncode, r.stderr
+
+    return call
+
+
+@pytest.fixture
+def train_here(in_process):
+    """train.py in this process: in_process(train.main, argv)."""
+    from cifar_dist import train
+
+    return lambda argv: in_process(train.main, argv)
 
 
 def assert_one_line_error(code: int, stderr: str, text: str) -> None:

@@ -57,7 +57,7 @@ def test_accuracy_bench_reports_seeds_reuses_finished_runs_and_refuses_other_set
 
 
 def test_throughput_prints_and_records_the_ratio_the_presets_and_the_ceiling(cifar, tmp_path):
-    r = bench("throughput", ["--data-dir", cifar, "--images", "300", "--rounds", "1", "--presets", "seed2",
+    r = bench("throughput", ["--data-dir", cifar, "--images", "300", "--test-images", "100", "--rounds", "1", "--presets", "seed2",
                              "--no-compile", "--ceiling-seconds", "0.5", "--results", str(tmp_path / "t.jsonl")],
               tmp_path)
     assert r.returncode == 0, r.stderr

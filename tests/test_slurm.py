@@ -30,17 +30,20 @@ esac
     return bin_dir
 
 
-def launcher(args, tmp_path, **extra):
-    return run([sys.executable, "-m", "launcher", *args], 60, cwd=tmp_path, env=env(**extra))
+@pytest.fixture
+def launcher(in_process):
+    """`python -m launcher ARGS` in this process, with the environment a subprocess would get (env)."""
+    from launcher.launch import main
+
+    return lambda args, **extra: in_process(main, args, **extra)
 
 
-def test_dry_run_for_4_nodes_x_8_gpus_is_exactly_the_expected_command_per_node(tmp_path):
+def test_dry_run_for_4_nodes_x_8_gpus_is_exactly_the_expected_command_per_node(tmp_path, launcher):
     bin_dir = fake_scontrol(tmp_path, ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a04"], "127.0.0.1")
     slurm = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-a[01-04]",
                  SLURM_JOB_NUM_NODES="4", SLURM_GPUS_ON_NODE="8")
     for rank in range(4):
-        r = launcher(["--dry-run", "--", "--preset", "resnet18", "--epochs", "30"], tmp_path, SLURM_NODEID=str(rank),
-                     **slurm)
+        r = launcher(["--dry-run", "--", "--preset", "resnet18", "--epochs", "30"], SLURM_NODEID=str(rank), **slurm)
         assert r.returncode == 0, r.stderr
         expected = (f"{sys.executable} -m accelerate.commands.launch --config_file {ROOT}/launcher/ddp.yaml "
                     f"--multi_gpu --num_processes 32 --num_machines 4 --machine_rank {rank} "
@@ -49,8 +52,8 @@ def test_dry_run_for_4_nodes_x_8_gpus_is_exactly_the_expected_command_per_node(t
         assert r.stdout.strip() == expected
 
 
-def test_local_dry_run_on_this_cpu_machine(tmp_path):
-    r = launcher(["--dry-run", "--nproc", "2", "--", "--dataset", "synthetic"], tmp_path)
+def test_local_dry_run_on_this_cpu_machine(launcher):
+    r = launcher(["--dry-run", "--nproc", "2", "--", "--dataset", "synthetic"])
     assert r.returncode == 0
     assert r.stdout.startswith("ACCELERATE_USE_CPU=1 ")  # `--cpu` would start one process, not two
     assert "--multi_gpu --num_processes 2 --num_machines 1 --machine_rank 0" in r.stdout
@@ -62,24 +65,24 @@ def test_local_dry_run_on_this_cpu_machine(tmp_path):
     ("inconsistent world", "gives 2 nodes, SLURM says 3"),
     ("rank outside", "SLURM_NODEID 5 is outside the 2 nodes"),
 ])
-def test_launcher_failures_are_one_line_not_a_hang(tmp_path, case, text):
+def test_launcher_failures_are_one_line_not_a_hang(tmp_path, launcher, case, text):
     addr = "no-such-host.invalid" if case == "unresolvable head" else "127.0.0.1"
     bin_dir = fake_scontrol(tmp_path, ["n1", "n2"], addr)
     slurm = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n[1-2]",
                  SLURM_JOB_NUM_NODES="3" if case == "inconsistent world" else "2",
                  SLURM_NODEID={"no node rank": None, "rank outside": "5"}.get(case, "0"))
     start = time.time()
-    r = launcher(["--", "--dataset", "synthetic"], tmp_path, **slurm)
+    r = launcher(["--", "--dataset", "synthetic"], **slurm)
     assert r.returncode == 2 and time.time() - start < 30
     assert r.stderr.strip().count("\n") == 0 and text in r.stderr, r.stderr
 
 
-def test_max_restarts_goes_through_torch_elastic_with_a_fresh_store_every_restart(tmp_path):
+def test_max_restarts_goes_through_torch_elastic_with_a_fresh_store_every_restart(launcher):
     """Several processes: accelerate launch's torch elastic; one process: torchrun itself (accelerate launch
     gives one process no agent, and refuses it --multi_gpu). That both really restart a killed worker is
     tests/test_elastic.py's."""
-    one = launcher(["--dry-run", "--max-restarts", "3", "--", "--dataset", "synthetic"], tmp_path)
-    two = launcher(["--dry-run", "--nproc", "2", "--max-restarts", "3", "--", "--dataset", "synthetic"], tmp_path)
+    one = launcher(["--dry-run", "--max-restarts", "3", "--", "--dataset", "synthetic"])
+    two = launcher(["--dry-run", "--nproc", "2", "--max-restarts", "3", "--", "--dataset", "synthetic"])
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     for r in (one, two):
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in r.stdout  # a fresh store for every restart
@@ -193,14 +196,14 @@ def test_signalled_job_checkpoints_requeues_and_resumes_every_epoch_once(cluster
 @pytest.mark.timeout(600)
 def test_tune_job_on_two_nodes_runs_a_pbt_search(cluster, tmp_path):
     """A PBT search on a two-node Ray cluster (one CPU each, a trial on each): the hopeless lr copies the
-    good one's checkpoint."""
+    good one's checkpoint (one perturbation, after epoch 1: what this tests)."""
     space = tmp_path / "space.yaml"
     space.write_text("lr: {grid: [0.05, 0.00001]}\nstages: 2\nbase_width: 8\nblocks_per_stage: 1\nbatch_size: 100\n"
                      "mutate: {tta: {choice: [none, flip]}}\n")
     out = tmp_path / "search"
     j = sbatch(cluster, "tune.sh", ["--nodes=2", "--cpus-per-task=1"],
                ["--dataset", "synthetic", "--val-size", "300", "--space", str(space), "--num-samples", "1",
-                "--max-epochs", "4", "--scheduler", "pbt", "--perturbation-interval", "1", "--output-dir", str(out)],
+                "--max-epochs", "2", "--scheduler", "pbt", "--perturbation-interval", "1", "--output-dir", str(out)],
                tmp_path)
     info = wait_for(cluster, j, timeout=540)
     log = (tmp_path / f"slurm-{j}.out").read_text()

@@ -1,4 +1,4 @@
-"""The real CLI, in subprocesses: outputs, resume after SIGKILL, bad input, divergence."""
+"""The real CLI: outputs, resume after SIGKILL, bad input, divergence (in subprocesses where a process is\nwhat is tested: a kill, a signal, the real command's exit; in this process otherwise)."""
 import math
 import signal
 import subprocess
@@ -16,9 +16,9 @@ from conftest import TINY, assert_one_line_error, env, metrics, run_train, summa
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_one_epoch_synthetic_run_writes_sane_results(tmp_path, tiny_args):
+def test_one_epoch_synthetic_run_writes_sane_results(tmp_path, tiny_args, train_here):
     out = tmp_path / "run"
-    r = run_train([*tiny_args, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+    r = train_here([*tiny_args, "--epochs", "2", "--output-dir", str(out)])
     assert r.returncode == 0, r.stderr
     assert "epoch   1/2 | train loss" in r.stdout and "img/s" in r.stdout
     rows = metrics(out)
@@ -35,15 +35,15 @@ def test_one_epoch_synthetic_run_writes_sane_results(tmp_path, tiny_args):
     assert (out / "model.pt").is_file() and (out / "config.yaml").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     # the saved config trains again as is: same run, already finished
-    again = run_train(["--config", str(out / "config.yaml")], tmp_path)
+    again = train_here(["--config", str(out / "config.yaml")])
     assert again.returncode == 0 and "already finished 2 epochs" in again.stdout
     assert metrics(out) == rows
 
 
-def test_bf16_and_keep_last_checkpoints(tmp_path, tiny_args):
+def test_bf16_and_keep_last_checkpoints(tmp_path, tiny_args, train_here):
     out = tmp_path / "run"
-    r = run_train([*tiny_args, "--epochs", "3", "--keep-checkpoints", "1", "--mixed-precision", "bf16",
-                   "--train-subset", "500", "--output-dir", str(out)], tmp_path)
+    r = train_here([*tiny_args, "--epochs", "3", "--keep-checkpoints", "1", "--mixed-precision", "bf16",
+                    "--train-subset", "500", "--output-dir", str(out)])
     assert r.returncode == 0, r.stderr
     assert summary(out)["mixed_precision"] == "bf16"
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0003"]
@@ -231,7 +231,7 @@ def test_a_run_logged_to_a_file_shows_progress_lines_between_epoch_lines(tmp_pat
 
 
 @pytest.mark.parametrize("layout", ["bin", "py"])
-def test_a_short_cifar100_run_trains_and_writes_readable_pictures(tmp_path, tiny_args, layout):
+def test_a_short_cifar100_run_trains_and_writes_readable_pictures(tmp_path, tiny_args, layout, train_here):
     """Full-size generated CIFAR-100 files (the loaders insist on the official record counts), a subset
     trained: the model has 100 outputs, every picture is written, the confusion matrix in its 100-class form."""
     from PIL import Image
@@ -240,8 +240,8 @@ def test_a_short_cifar100_run_trains_and_writes_readable_pictures(tmp_path, tiny
 
     write_cifar100(tmp_path / "c100", layout, 50000, 10000)
     out = tmp_path / "run"
-    r = run_train([*tiny_args, "--dataset", "cifar100", "--data-dir", str(tmp_path / "c100"), "--train-subset", "1000",
-                   "--test-subset", "500", "--epochs", "1", "--output-dir", str(out)], tmp_path)
+    r = train_here([*tiny_args, "--dataset", "cifar100", "--data-dir", str(tmp_path / "c100"), "--train-subset",
+                    "1000", "--test-subset", "500", "--epochs", "1", "--output-dir", str(out)])
     assert r.returncode == 0, r.stderr[-2000:]
     s = summary(out)
     assert s["config"]["dataset"] == "cifar100" and s["config"]["model"]["num_classes"] == 100
