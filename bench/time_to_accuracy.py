@@ -10,8 +10,9 @@ machine. Rows, one after another in this order (each a process of its own):
 Every clock counts training and the evaluations from the first step (data loading, start-up and
 the precision probe excluded, on both sides). Ours runs with the default precision (auto); the
 tutorial in fp32, as written. The `94` row also measures `fast`'s bare training step (random tensors,
-the run's precision and batch) and prints the time its training FLOPs would take at that rate: the
-time to 94 % should be within 1.25x of it. One line appended to bench/results/time_to_accuracy.jsonl.
+the run's precision) at each micro-batch `--micro-batch auto` would try, and prints the time its
+training FLOPs would take at the fastest one's rate: the time to 94 % should be within 1.25x of it.
+One line appended to bench/results/time_to_accuracy.jsonl.
 
     python -m bench.time_to_accuracy --data-dir ../shared/cifar10
     python -m bench.time_to_accuracy --data-dir ../shared/cifar10 --rows quick,tutorial
@@ -35,6 +36,7 @@ from bench.throughput import ceiling
 from bench.tutorial import run_script
 from cifar_dist.config import resolve
 from cifar_dist.flops import per_image
+from cifar_dist.machine import micro_candidates
 from cifar_dist.tables import text_table
 
 TUTORIAL_BEST = 0.763
@@ -54,7 +56,7 @@ ROWS: dict[str, tuple[float, list[str] | None]] = {
 }
 
 
-COLUMNS = ["row", "target", "seconds", "epoch", "best", "precision", "gflops", "ideal_s", "vs ideal"]
+COLUMNS = ["row", "target", "seconds", "epoch", "best", "precision", "micro_batch", "gflops", "ideal_s", "vs ideal"]
 
 
 def first_hit(history: list[dict], target: float) -> dict | None:
@@ -97,14 +99,20 @@ def tutorial(data_dir: str, target: float, epochs: int, subsets: list[str]) -> l
 
 def bound(args: list[str], precision: str, seconds: float, epochs: int) -> dict:
     """The time the training FLOPs of the run's first `epochs` take at the rate of its bare training step
-    (random tensors, the run's batch and precision), measured now."""
+    (random tensors, the run's precision) at the micro-batch this machine runs fastest, measured now: each
+    size `--micro-batch auto` would try (whole BatchNorm groups that divide the batch; without a group,
+    whole multiples of the batch's largest divisor up to 128) gets an equal share of `seconds`."""
     cfg = resolve(args)
-    images_per_s = ceiling(cfg.preset, cfg.batch_size, precision == "bf16", seconds, cfg.model)  # an SGD step
+    unit = cfg.model.bn_group or max(d for d in range(1, 129) if cfg.batch_size % d == 0)
+    sizes = micro_candidates(cfg.batch_size, unit)
+    speed = {m: ceiling(cfg.preset, m, precision == "bf16", seconds / len(sizes), cfg.model) for m in sizes}
+    best = max(speed, key=lambda m: speed[m])
     train_images = cfg.train_subset or 50_000
     per_train_image = per_image(cfg.model)[1]
     train_flops = per_train_image * (train_images // cfg.batch_size * cfg.batch_size) * epochs
-    flop_rate = images_per_s * per_train_image
-    return dict(gflops=round(flop_rate / 1e9), ideal_s=max(0.1, round(train_flops / flop_rate, 1)))
+    flop_rate = speed[best] * per_train_image
+    return dict(gflops=round(flop_rate / 1e9), ideal_s=max(0.1, round(train_flops / flop_rate, 1)),
+                micro_batch=best, step_images_per_s={str(m): round(v) for m, v in speed.items()})
 
 
 def parse_args() -> argparse.Namespace:
@@ -150,7 +158,8 @@ def run_row(a: argparse.Namespace, name: str, args: list[str] | None) -> tuple[d
     record: dict[str, Any] = dict(args=args, seconds=hit["elapsed"] if hit else None, precision=precision,
                                   history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m}
                                            for m in history],
-                                  **{k: row[k] for k in ("gflops", "ideal_s") if k in row})
+                                  **{k: row[k] for k in ("gflops", "ideal_s", "micro_batch", "step_images_per_s")
+                                     if k in row})
     return row, record
 
 

@@ -87,6 +87,11 @@ class Config:
                 "bf16 where a probe of this model's step measures it >= 1.1x faster than fp32 (cached), else fp32")
     cpu_threads: int = setting(0, "threads per process on a CPU; 0: OMP_NUM_THREADS if you set it, else the "
                                   "cores this process may use / processes on this machine", "machine")
+    micro_batch: str = setting(
+        "auto", "images per forward pass of a process: auto (on a CPU with --bn-group, the fastest of a short probe "
+                "of this model's step at multiples of the group, cached; else whole), whole (the process's batch / "
+                "--grad-accum), or N (a multiple of --bn-group); with a BatchNorm group it changes the speed only",
+        "machine")
     channels_last: bool = setting(True, "channels-last memory layout (faster convolutions)")
     compile: bool = setting(False, "torch.compile the model")
     tta: Literal["none", "flip", "flip-translate"] = setting(
@@ -117,6 +122,7 @@ class Config:
                                             "every tenth of an epoch, at most one per N seconds", "record")
 
 
+MICRO_WORDS = ("auto", "whole")  # --micro-batch's words; else a number
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}  # what a model is built for by default
 
 # What makes a run "the same run" (the run-directory guard refuses a change of these), and what may
@@ -153,6 +159,13 @@ def check_config(cfg: Config) -> None:
                  "feature_maps_every", "whiten_bias_epochs", "stop_after"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.micro_batch not in MICRO_WORDS and not (cfg.micro_batch.isdigit() and int(cfg.micro_batch) > 0):
+        raise ConfigError(f"micro_batch must be auto, whole or a positive number, got {cfg.micro_batch!r}")
+    if cfg.model.bn_group and cfg.batch_size % cfg.model.bn_group:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of bn_group {cfg.model.bn_group}")
+    if cfg.model.bn_group and cfg.sync_bn:
+        raise ConfigError("--sync-bn with --bn-group: each BatchNorm group lies within one process already, and "
+                          "its statistics are the same on any world size; drop --sync-bn")
     if cfg.cutout > 32:
         raise ConfigError(f"cutout must be at most the image size 32, got {cfg.cutout}")
     try:

@@ -374,11 +374,13 @@ class Batch:
 
 
 def train_batches(split: Split, cfg: Config, epoch: int, rank: int, world: int,
-                  mean: tuple[float, ...] = (0.0, 0.0, 0.0), start: int = 0) -> Iterator[Batch]:
-    """This rank's micro-batches for one epoch, from global batch `start` on (a mid-epoch resume).
+                  mean: tuple[float, ...] = (0.0, 0.0, 0.0), start: int = 0, micro: int = 0) -> Iterator[Batch]:
+    """This rank's micro-batches (of `micro` images; 0: its share / --grad-accum) for one epoch, from
+    global batch `start` on (a mid-epoch resume).
 
     Every step consumes one GLOBAL batch of `cfg.batch_size` positions of the epoch's plan; rank r takes
-    its own slice of it, so ranks see disjoint images, and every rank takes the same number of steps.
+    its own consecutive slice of it, so ranks see disjoint images, every rank takes the same number of
+    steps, and the BatchNorm groups (consecutive images) are the same on any world size and micro-batch.
     `mean` (0..1) fills cutouts.
     """
     plan = epoch_plan(len(split), cfg, epoch)
@@ -386,7 +388,7 @@ def train_batches(split: Split, cfg: Config, epoch: int, rank: int, world: int,
     fill = (torch.tensor(mean) * 255).round().to(torch.uint8)
     for step in range(start, len(plan.order) // cfg.batch_size):
         mine = torch.arange(step * cfg.batch_size + rank * per_rank, step * cfg.batch_size + (rank + 1) * per_rank)
-        for pos in mine.split(per_rank // cfg.grad_accum):
+        for pos in mine.split(micro or per_rank // cfg.grad_accum):
             ids = plan.order[pos]
             idx = ids.to(split.images.device)
             images = augment(split.images[idx], cfg.crop_padding, _at(plan.shifts, pos), _at(plan.flips, pos),

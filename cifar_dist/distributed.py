@@ -30,12 +30,17 @@ def missing_modules(names: tuple[str, ...]) -> list[str]:
 
 def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tuple[Accelerator, dict[str, Any]]:
     """The run's Accelerator: `accelerate launch`'s settings (or `plugin`), checked against the config,
-    with this machine's CPU threads and precision (`cifar_dist.machine`); and those choices, for the record."""
+    with this machine's CPU threads, precision and micro-batch (`cifar_dist.machine`); and those choices,
+    for the record. The micro-batch is Accelerate's gradient accumulation: --grad-accum's steps, each cut
+    into forward passes of the micro-batch."""
     machine.use_deterministic_kernels(cfg.deterministic)  # before anything touches a GPU
     deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and (missing := missing_modules(("deepspeed", "transformers"))):
         raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
                           "pip install -e '.[deepspeed]'")
+    if deepspeed:  # before DeepSpeed starts (its comm op, the process group): a refusal in a second
+        check_accumulation(plugin.gradient_accumulation_steps if plugin is not None
+                           else os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"), cfg)
     if plugin is not None:  # as Accelerator would, before the process group below: DeepSpeed starts it
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     cuda = torch.cuda.is_available()
@@ -46,16 +51,18 @@ def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tu
     cpu = cpu_world or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it (--cpu)
     backend = dict(backend="gloo") if deepspeed and not cuda else {}
     state = PartialState(cpu=cpu, **backend)  # the process group first: the ranks agree on the precision
+    if cfg.batch_size % (state.num_processes * cfg.grad_accum):
+        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                          f"({state.num_processes} x {cfg.grad_accum})")
     choices = machine_choices(cfg, state)
-    accelerator = Accelerator(mixed_precision=choices["mixed_precision"], gradient_accumulation_steps=cfg.grad_accum,
+    choices.update(micro_batch(cfg, state, choices["mixed_precision"], deepspeed))
+    accum = cfg.grad_accum * machine.whole_micro_batch(cfg, state.num_processes) // choices["micro_batch"]
+    accelerator = Accelerator(mixed_precision=choices["mixed_precision"], gradient_accumulation_steps=accum,
                               log_with=trackers or None, project_dir=cfg.output_dir or "runs", cpu=cpu,
                               kwargs_handlers=[InitProcessGroupKwargs(**backend)] if backend else [],
                               deepspeed_plugin=plugin)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
-    if cfg.batch_size % (accelerator.num_processes * cfg.grad_accum):
-        raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
-                          f"({accelerator.num_processes} x {cfg.grad_accum})")
     return accelerator, choices
 
 
@@ -78,6 +85,37 @@ def machine_choices(cfg: Config, state: PartialState) -> dict[str, Any]:
     if warning and state.is_main_process:
         print(warning, file=sys.stderr, flush=True)
     return choices
+
+
+def micro_batch(cfg: Config, state: PartialState, precision: str, deepspeed: bool) -> dict[str, Any]:
+    """The images of one forward pass in this process, why, and the probe that chose it (--micro-batch
+    auto on a CPU with a BatchNorm group: the main process's, broadcast). Without a group, BatchNorm
+    normalises over the micro-batch, so only the whole keeps the run's result."""
+    whole, group = machine.whole_micro_batch(cfg, state.num_processes), cfg.model.bn_group
+    if group and whole % group:
+        raise ConfigError(f"a process's share of a step ({whole} images: batch_size / processes / grad_accum) "
+                          f"must be a multiple of bn_group {group}")
+    chosen: dict[str, Any] = dict(micro_batch=whole, micro_batch_from="whole", micro_batch_probe=None)
+    if cfg.micro_batch == "auto":
+        # A GPU runs its whole batch fastest (until a measurement says otherwise); under DeepSpeed the
+        # probe's plain step is not what its engine runs
+        reason = ("no --bn-group" if not group else "on a GPU" if state.device.type != "cpu"
+                  else "under DeepSpeed" if deepspeed else "")
+        if reason:
+            return dict(chosen, micro_batch_from=f"auto: whole, {reason}")
+        probe = [machine.micro_probe(cfg, state.num_processes, precision) if state.is_main_process else None]
+        chosen["micro_batch_probe"] = broadcast_object_list(probe)[0]
+        return dict(chosen, micro_batch=chosen["micro_batch_probe"]["best"], micro_batch_from="auto: fastest")
+    if cfg.micro_batch == "whole":
+        return chosen
+    n = int(cfg.micro_batch)
+    if not group and n != whole:
+        raise ConfigError(f"--micro-batch {n} would change what BatchNorm normalises (the whole {whole} images of a "
+                          f"forward pass); give --bn-group (a divisor of {n}), or --grad-accum to change the result")
+    if n % max(group, 1) or whole % n:
+        raise ConfigError(f"--micro-batch {n} must be a multiple of bn_group {group} that divides a process's "
+                          f"share of a step ({whole} images)")
+    return dict(chosen, micro_batch=n, micro_batch_from="--micro-batch")
 
 
 # --- BatchNorm over the world ---------------------------------------------------------------------
@@ -161,16 +199,21 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    accum = ds.get("gradient_accumulation_steps", "auto")
-    if accum not in ("auto", cfg.grad_accum):
-        raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps {accum} but --grad-accum is "
-                          f"{cfg.grad_accum}; make them equal")
-    ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-              train_micro_batch_size_per_gpu=cfg.batch_size // (accelerator.num_processes * cfg.grad_accum))
+    check_accumulation(ds.get("gradient_accumulation_steps"), cfg)
+    accum = accelerator.gradient_accumulation_steps  # --grad-accum's steps times the forward passes of each
+    ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=accum,
+              train_micro_batch_size_per_gpu=cfg.batch_size // (accelerator.num_processes * accum))
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         # DeepSpeed's own bf16 mode breaks convs and BatchNorm on CPU; its torch autocast mode works.
         ds["bf16"] = {"enabled": False}
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+
+
+def check_accumulation(value: Any, cfg: Config) -> None:
+    """A DeepSpeed config's gradient_accumulation_steps (None or 'auto': ours) must be --grad-accum's."""
+    if value not in (None, "auto", cfg.grad_accum, str(cfg.grad_accum)):
+        raise ConfigError(f"the DeepSpeed config has gradient_accumulation_steps {value} but --grad-accum is "
+                          f"{cfg.grad_accum}; make them equal")
 
 
 def rank_digests(model: torch.nn.Module) -> list[str]:

@@ -12,6 +12,7 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -189,7 +190,16 @@ def choose_precision(asked: str, device: str, gpu_bf16: bool, speedup: float | N
 
 
 def probe_batch(cfg: Config, processes: int) -> int:
-    return max(1, min(PROBE_MAX_BATCH, cfg.batch_size // (processes * cfg.grad_accum)))
+    """The precision probe's batch: the run's micro-batch, at most PROBE_MAX_BATCH, a whole number of
+    BatchNorm groups."""
+    batch = max(1, min(PROBE_MAX_BATCH, whole_micro_batch(cfg, processes)))
+    group = cfg.model.bn_group
+    return max(group, batch // group * group) if group else batch
+
+
+def whole_micro_batch(cfg: Config, processes: int) -> int:
+    """The images of one forward pass without --micro-batch: a process's share of one accumulation step."""
+    return cfg.batch_size // (processes * cfg.grad_accum)
 
 
 def probe_key(cfg: Config, batch: int) -> str:
@@ -228,6 +238,25 @@ def cache_path() -> Path:
     return Path(os.environ.get("CIFAR_DIST_CACHE") or user_cache / "cifar-dist") / "precision-probe.json"
 
 
+def read_cache() -> dict[str, Any]:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_cache(key: str, result: dict[str, Any]) -> None:
+    """Add one answer to the cache. Concurrent runs (Tune trials) each leave a whole file (the last one's
+    entries); a read-only home leaves none, and the next run measures again."""
+    cache = read_cache()
+    cache[key] = result
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache_path(), json.dumps(cache, indent=1))
+    except OSError:
+        pass
+
+
 def measure(cfg: Config, batch: int) -> dict[str, float]:
     """Seconds per training step (forward, backward, SGD step) of this model in fp32 and in bf16 autocast
     (as Accelerate runs bf16 on a CPU), on random images: one untimed step, then up to PROBE_STEPS timed.
@@ -259,18 +288,70 @@ def measure(cfg: Config, batch: int) -> dict[str, float]:
 def probe(cfg: Config, processes: int) -> dict[str, Any]:
     """The bf16/fp32 speed of this run's training step on this CPU: from the cache, else measured and cached."""
     batch = probe_batch(cfg, processes)
-    key, path = probe_key(cfg, batch), cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return {**cache[key], "batch": batch, "cached": True}
+    key = probe_key(cfg, batch)
+    if (cached := read_cache().get(key)) is not None:
+        return {**cached, "batch": batch, "cached": True}
     result = measure(cfg, batch)
-    cache[key] = result
-    try:  # concurrent runs (Tune trials) each leave a whole file (the last one's entries)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(cache, indent=1))
-    except OSError:  # a read-only home: the next run measures again
-        pass
+    write_cache(key, result)
     return {**result, "batch": batch, "cached": False}
+
+
+# --- micro-batch ------------------------------------------------------------------------------------
+
+MICRO_CANDIDATES = 5  # sizes the micro-batch probe times at most: the smallest, the whole and between
+
+
+def micro_candidates(whole: int, group: int) -> list[int]:
+    """The micro-batches that keep a step's result: multiples of the BatchNorm group that divide the
+    whole; at most MICRO_CANDIDATES of them, spread evenly on a log scale from the smallest to the whole."""
+    sizes = [m for m in range(group, whole + 1, group) if whole % m == 0]
+    if len(sizes) <= MICRO_CANDIDATES:
+        return sizes
+    logs = [math.log(m) for m in sizes]
+    wanted = [logs[0] + i * (logs[-1] - logs[0]) / (MICRO_CANDIDATES - 1) for i in range(MICRO_CANDIDATES)]
+    picks = {min(range(len(sizes)), key=lambda j: abs(logs[j] - w)) for w in wanted}
+    return [sizes[j] for j in sorted(picks)]
+
+
+def measure_micro(cfg: Config, sizes: list[int], bf16: bool) -> dict[int, float]:
+    """Training images/s of this model's step at each micro-batch size, in the run's precision: one
+    untimed step, then timed steps until MICRO_PROBE_S seconds (at least two)."""
+    torch.manual_seed(0)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = build_model(cfg.model).to(memory_format=memory).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    speed = {}
+    for size in sizes:
+        x = torch.randn(size, 3, 32, 32).to(memory_format=memory)
+        y = torch.randint(0, cfg.model.num_classes, (size,))
+        steps, t0 = -1, 0.0
+        while steps < 2 or time.perf_counter() - t0 < MICRO_PROBE_S:
+            if steps == 0:
+                t0 = time.perf_counter()  # after the untimed first step (oneDNN builds its kernels there)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+        speed[size] = steps * size / (time.perf_counter() - t0)
+    return speed
+
+
+MICRO_PROBE_S = 0.5  # timed seconds per candidate, at least (two steps)
+
+
+def micro_probe(cfg: Config, processes: int, precision: str) -> dict[str, Any]:
+    """--micro-batch auto on a CPU: the fastest candidate of this run's step, from the cache, else measured
+    and cached. The images/s of each candidate are in the answer (summary.json, the bench)."""
+    whole = whole_micro_batch(cfg, processes)
+    sizes = micro_candidates(whole, cfg.model.bn_group)
+    key = f"micro|{precision}|{'/'.join(map(str, sizes))}|{probe_key(cfg, whole)}"
+    result = read_cache().get(key)
+    was_cached = result is not None
+    if result is None:
+        speed = measure_micro(cfg, sizes, precision == "bf16")
+        result = dict(images_per_second={str(m): round(v, 1) for m, v in speed.items()})
+        write_cache(key, result)
+    ips: dict[str, float] = result["images_per_second"]
+    return dict(images_per_second=ips, best=int(max(ips, key=lambda m: ips[m])), cached=was_cached)

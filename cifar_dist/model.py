@@ -47,6 +47,8 @@ class ModelSpec:
     bn_momentum: float = setting(0.1, "BatchNorm running-stat momentum (PyTorch's convention: weight of the new batch)")
     bn_eps: float = setting(1e-5, "BatchNorm epsilon")
     bn_weight: bool = setting(True, "learnable BatchNorm scales (off: fixed at 1, only the shifts learn; airbench)")
+    bn_group: int = setting(0, "BatchNorm statistics over each N consecutive training images (ghost batch norm): "
+                               "then no micro-batch or world size changes a step; 0: over the whole micro-batch")
     head_bias: bool = setting(True, "bias in the final linear layer")
     logit_scale: float = setting(1.0, "multiply the logits by this (airbench: 1/9)")
     dirac_init: bool = setting(False, "3x3 convs start as identity on their first input channels")
@@ -78,6 +80,8 @@ def check_spec(spec: ModelSpec) -> None:
         raise SpecError(f"stem_kernel must be 1, 3, 5 or 7, got {spec.stem_kernel}")
     if not 0 < spec.bn_momentum <= 1 or not 0 < spec.bn_eps < 1:
         raise SpecError(f"bn_momentum must be in (0, 1] and bn_eps in (0, 1), got {spec.bn_momentum} and {spec.bn_eps}")
+    if spec.bn_group < 0:
+        raise SpecError(f"bn_group must be >= 0, got {spec.bn_group}")
     if not spec.logit_scale > 0:
         raise SpecError(f"logit_scale must be positive, got {spec.logit_scale}")
     if spec.num_classes < 2:
@@ -96,14 +100,51 @@ def output_size(spec: ModelSpec, input_size: int = 32) -> int:
     return size
 
 
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of each `group` consecutive images (ghost batch
+    norm, Hoffer et al. 2017). A batch cut into micro-batches that are multiples of the group, or spread
+    over processes, is then normalised exactly as in one forward: the micro-batch becomes a choice of
+    speed, not of result. The running averages are updated group after group, in order, so one process
+    keeps the same ones whatever its micro-batch. Evaluation is plain BatchNorm, and the state_dict is
+    BatchNorm2d's: checkpoints and model.pt load with or without it."""
+
+    def __init__(self, num_features: int, group: int, eps: float, momentum: float):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or len(x) == self.group:
+            return super().forward(x)
+        if len(x) % self.group:
+            raise ValueError(f"a training batch of {len(x)} images is not a multiple of the BatchNorm group "
+                             f"{self.group}")
+        return torch.cat([super(GhostBatchNorm2d, self).forward(part) for part in x.split(self.group)])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group={self.group}"
+
+
 def norm(cout: int, spec: ModelSpec) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(cout, eps=spec.bn_eps, momentum=spec.bn_momentum)
+    bn = (GhostBatchNorm2d(cout, spec.bn_group, spec.bn_eps, spec.bn_momentum) if spec.bn_group
+          else nn.BatchNorm2d(cout, eps=spec.bn_eps, momentum=spec.bn_momentum))
     bn.weight.requires_grad_(spec.bn_weight)
     return bn
 
 
+class SubsampledConv1x1(nn.Conv2d):
+    """A strided 1x1 conv computed as its stride's subsampling, then the conv at stride 1: the same values
+    (bit for bit) and the same state_dict. Why: torch 2.14's CPU backward of a strided 1x1 conv on a
+    channels-last batch of an odd size corrupts memory with more than one thread (a segfault, seen at
+    batch 25 and 125 with 8 input channels on an AVX512 EPYC), and micro-batches of odd sizes are common."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        return nn.functional.conv2d(x[:, :, ::s[0], ::s[1]], self.weight, self.bias)
+
+
 def conv_bn(cin: int, cout: int, kernel: int, stride: int, spec: ModelSpec) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=spec.conv_bias), norm(cout, spec))
+    conv = SubsampledConv1x1 if kernel == 1 and stride > 1 else nn.Conv2d
+    return nn.Sequential(conv(cin, cout, kernel, stride, kernel // 2, bias=spec.conv_bias), norm(cout, spec))
 
 
 def activation(spec: ModelSpec) -> nn.Module:

@@ -248,6 +248,7 @@ def start_records(run: Run) -> None:
                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}{threads(run)}; "
                      f"output {out}")
     say(accelerator, precision_line(run))
+    say(accelerator, micro_batch_line(run))
 
 
 def threads(run: Run) -> str:
@@ -266,6 +267,18 @@ def precision_line(run: Run) -> str:
     return line
 
 
+def micro_batch_line(run: Run) -> str:
+    """The micro-batch and why: asked, or the probe's images/s at each size it timed."""
+    c = run.choices
+    whole = machine.whole_micro_batch(run.cfg, run.accelerator.num_processes)
+    line = f"micro-batch: {c['micro_batch']} of {whole} images per process and step ({c['micro_batch_from']}"
+    if probe := c["micro_batch_probe"]:
+        speeds = ", ".join(f"{m}: {ips:,.0f}" for m, ips in probe["images_per_second"].items())
+        line += f"; images/s {speeds}, {'cached' if probe['cached'] else 'measured now'}"
+    group = run.cfg.model.bn_group
+    return line + (f"); BatchNorm over groups of {group}" if group else "); BatchNorm over the micro-batch")
+
+
 # --- an epoch --------------------------------------------------------------------------------------
 
 def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | None:
@@ -274,6 +287,7 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
     is then in run.state, for the checkpoint)."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    accum = accelerator.gradient_accumulation_steps  # micro-batches per step
     t0 = time.perf_counter() - state.partial[3]
     run.model.train()
     # loss, correct, count of this rank; a mid-epoch checkpoint's sums are the whole world's, so rank 0
@@ -282,17 +296,18 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
     start, state.batch, state.partial = state.batch, 0, [0.0] * 4
     bar = Progress(accelerator.is_main_process, f"epoch {epoch + 1}/{cfg.epochs}", run.steps_per_epoch, start,
                    cfg.batch_size, cfg.progress_seconds)
-    batches = D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean, start)
+    batches = D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean, start,
+                              run.choices["micro_batch"])
     for i, batch in enumerate(batches):
         loss, logits = step(run, batch.images, batch.labels)
         if run.trace is not None:
-            trace(run, epoch, start + i // cfg.grad_accum, batch)
+            trace(run, epoch, start + i // accum, batch)
         sums += torch.stack([loss.detach() * len(batch.labels), (logits.detach().argmax(1) == batch.labels).sum(),
                              torch.tensor(len(batch.labels), device=device)]).double()
         if accelerator.sync_gradients and state.step % cfg.log_every == 0:
             if check_in(run, loss, preemption, bar, epoch):
                 bar.close()
-                state.batch = start + (i + 1) // cfg.grad_accum  # global batches done: the same on any world size
+                state.batch = start + (i + 1) // accum  # global batches done: the same on any world size
                 state.partial = [*accelerator.reduce(sums, "sum").tolist(), time.perf_counter() - t0]
                 return None
         if accelerator.sync_gradients:
@@ -435,6 +450,7 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
     summary.update(epochs_completed=run.state.epoch, params=run.size[0], model_bytes=run.size[1],
                    world_size=accelerator.num_processes, mixed_precision=run.choices["mixed_precision"],
                    precision_probe=run.choices["precision_probe"], cpu_threads=run.choices["cpu_threads"],
+                   micro_batch=run.choices["micro_batch"], micro_batch_probe=run.choices["micro_batch_probe"],
                    device=accelerator.device.type, hardware=machine.hardware(accelerator.device),
                    deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
                    total_seconds=run.state.seconds,

@@ -75,7 +75,7 @@ def test_time_to_accuracy_reports_when_each_row_first_reached_its_target(cifar, 
     small = "--preset seed3 --epochs 3 --batch-size 100 --lr 0.05 --mixed-precision no"
     r = bench("time_to_accuracy", ["--data-dir", cifar, "--target", "0.4", "--high-target", "0.45",
                                    "--tutorial-epochs", "3", "--train-subset", "1000", "--test-subset", "200",
-                                   "--rows", "quick,tutorial,94", "--flags", "quick", small, "--flags", "94", small,
+                                   "--rows", "quick,tutorial,94", "--flags", "quick", small, "--flags", "94", f"{small} --bn-group 25",
                                    "--ceiling-seconds", "0.5", "--results", str(tmp_path / "tta.jsonl")], tmp_path)
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / "tta.jsonl").read_text())
@@ -88,6 +88,8 @@ def test_time_to_accuracy_reports_when_each_row_first_reached_its_target(cifar, 
         assert rows[name]["seconds"] == pytest.approx(first["elapsed"])
     assert record["speedup"]["quick"] == pytest.approx(rows["tutorial"]["seconds"] / rows["quick"]["seconds"], rel=0.01)
     assert rows["94"]["gflops"] > 0 and rows["94"]["ideal_s"] > 0 and rows["quick"]["precision"] == "no"
+    speed = rows["94"]["step_images_per_s"]  # the bare step at every micro-batch of whole groups; the bound at the best
+    assert list(speed) == ["25", "50", "100"] and rows["94"]["micro_batch"] == int(max(speed, key=speed.get))
     bad = bench("time_to_accuracy", ["--rows", "quick,fastest"], tmp_path)
     assert bad.returncode == 2 and "unknown row 'fastest'" in bad.stderr
 
