@@ -128,8 +128,20 @@ def cpu_threads(cfg: Config) -> tuple[int, str]:
     if user_omp.strip().isdigit() and int(user_omp) > 0:
         return int(user_omp), "OMP_NUM_THREADS"
     local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores, source = allocated_cores()
+    return max(1, cores // local_world), f"auto: {cores} cores{source} / {local_world} process(es)"
+
+
+def allocated_cores() -> tuple[int, str]:
+    """The cores this process may use, and where a count less than its affinity came from. In a SLURM job
+    the allocation's own word counts too (SLURM_CPUS_PER_TASK, else SLURM_CPUS_ON_NODE: our job scripts
+    run one task per node): a cluster without task/affinity or cgroups leaves the mask at the whole node."""
     cores = usable_cores()
-    return max(1, cores // local_world), f"auto: {cores} cores / {local_world} process(es)"
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:  # the first one set is the allocation's count
+            return (int(value), f" ({name})") if int(value) < cores else (cores, "")
+    return cores, ""
 
 
 # --- determinism ------------------------------------------------------------------------------------

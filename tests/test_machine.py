@@ -42,7 +42,17 @@ def test_threads_user_choice_else_cores_per_local_process(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(machine, "accelerate_launch", lambda: None)
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        monkeypatch.delenv(name, raising=False)
     assert machine.cpu_threads(cfg) == (4, "auto: 8 cores / 2 process(es)")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "6")  # a SLURM allocation that did not narrow the mask
+    assert machine.cpu_threads(cfg) == (3, "auto: 6 cores (SLURM_CPUS_ON_NODE) / 2 process(es)")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    assert machine.cpu_threads(cfg) == (1, "auto: 2 cores (SLURM_CPUS_PER_TASK) / 2 process(es)")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "16")  # more than the mask allows: the mask
+    assert machine.cpu_threads(cfg) == (4, "auto: 8 cores / 2 process(es)")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delenv("SLURM_CPUS_ON_NODE")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # set by the user (no launcher in between)
     assert machine.cpu_threads(cfg) == (3, "OMP_NUM_THREADS")
 

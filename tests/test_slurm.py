@@ -125,8 +125,9 @@ def cluster(tmp_path_factory):
     subprocess.run([str(ROOT / "slurm" / "local-cluster.sh"), "down"], env=e, timeout=60)
 
 
-def sbatch(cluster, script, sbatch_args, args, workdir):
-    e, _ = cluster
+def sbatch(cluster, script, sbatch_args, args, workdir, unset=()):
+    """Submit a job script with the test's environment (less the names in `unset`), which SLURM passes on."""
+    e = {k: v for k, v in cluster[0].items() if k not in unset}
     r = subprocess.run(["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={workdir}/slurm-%j.out",
                         *sbatch_args, str(ROOT / "slurm" / script), *args], env=e, capture_output=True, text=True,
                        timeout=30)
@@ -162,11 +163,14 @@ def wait_for(cluster, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEO
 
 def test_sbatch_two_nodes_trains_one_ddp_world(cluster, tmp_path):
     out = tmp_path / "run"
+    # no thread count of the user's: the allocation's 1 CPU per task decides, on a cluster whose
+    # affinity mask is the whole machine (no task/affinity plugin)
     j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
-               [*TINY_MODEL, "--epochs", "2", "--output-dir", str(out)], tmp_path)
+               [*TINY_MODEL, "--epochs", "2", "--output-dir", str(out)], tmp_path, unset=("OMP_NUM_THREADS",))
     info = wait_for(cluster, j)
     log = (tmp_path / f"slurm-{j}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "with 1 thread(s) each (auto: 1 cores (SLURM_CPUS_PER_TASK) / 1 process(es))" in log, log[-3000:]
     s = summary(out)
     assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
     assert [m["epoch"] for m in metrics(out)] == [1, 2]
