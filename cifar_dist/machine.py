@@ -325,27 +325,34 @@ def micro_candidates(whole: int, group: int) -> list[int]:
     return [sizes[j] for j in sorted(picks)]
 
 
-def measure_micro(cfg: Config, sizes: list[int], bf16: bool) -> dict[int, float]:
-    """Training images/s of this model's step at each micro-batch size, in the run's precision: one
-    untimed step, then timed steps until MICRO_PROBE_S seconds (at least two)."""
+def measure_micro(cfg: Config, sizes: list[int], bf16: bool, device: torch.device | None = None,
+                  make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
+                  seconds: float = 0.0) -> dict[int, float]:
+    """Training images/s of this model's step at each micro-batch size, in the run's precision, on random
+    images: one untimed step, then timed steps until MICRO_PROBE_S (or `seconds`) passed, at least two.
+    SGD unless `make_optimizer` gives the run's own (the time budget's plan)."""
     torch.manual_seed(0)
+    device = device or torch.device("cpu")
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = build_model(cfg.model).to(memory_format=memory).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model = build_model(cfg.model).to(device).to(memory_format=memory).train()
+    optimizer = make_optimizer(model) if make_optimizer else torch.optim.SGD(model.parameters(), lr=1e-3)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     speed = {}
     for size in sizes:
-        x = torch.randn(size, 3, 32, 32).to(memory_format=memory)
-        y = torch.randint(0, cfg.model.num_classes, (size,))
+        x = torch.randn(size, 3, 32, 32, device=device).contiguous(memory_format=memory)
+        y = torch.randint(0, cfg.model.num_classes, (size,), device=device)
         steps, t0 = -1, 0.0
-        while steps < 2 or time.perf_counter() - t0 < MICRO_PROBE_S:
+        while steps < 2 or time.perf_counter() - t0 < (seconds or MICRO_PROBE_S):
             if steps == 0:
+                sync()
                 t0 = time.perf_counter()  # after the untimed first step (oneDNN builds its kernels there)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             steps += 1
+        sync()
         speed[size] = steps * size / (time.perf_counter() - t0)
     return speed
 

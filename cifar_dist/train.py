@@ -4,13 +4,14 @@ processes, DDP, mixed precision) or `python -m cifar_dist.train ...`. Reads top 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,15 @@ if __package__ in (None, ""):  # run as a script: the package comes from the ins
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
+from cifar_dist import budget, flops, machine, pictures, tracking
 from cifar_dist import data as D
-from cifar_dist import flops, machine, pictures, tracking
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
 from cifar_dist.distributed import configure_deepspeed, make_accelerator, rank_digests, sync_batchnorm, uses_deepspeed
 from cifar_dist.evaluate import evaluate
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
-from cifar_dist.optim import Lookahead, make_optimizer, make_scheduler
+from cifar_dist.optim import Lookahead, lr_factors, make_optimizer, make_scheduler
 from cifar_dist.progress import Progress
 from cifar_dist.rundir import (
     Preemption,
@@ -74,8 +75,13 @@ class Run:
     # trains in (DeepSpeed on CPU then turns bf16 into its own autocast setting), precision_probe what decided it
     choices: dict[str, Any]
     size: tuple[int, int]  # parameters and bytes of the model as built (DeepSpeed may cast what it prepares)
+    clock: budget.Clock  # seconds since this process started
     confusion: torch.Tensor | None = None  # of the main split, at its last evaluation
+    plan: budget.Plan | None = None  # --time-budget's
     trace: Path | None = None  # this rank's file of trained micro-batches ($CIFAR_DIST_TRACE, tests)
+    slow_s: float = 0.0  # a pause after every step ($CIFAR_DIST_SLOW_STEP: a test's busy machine)
+    resumed_seconds: float = 0.0  # trained before this process (a resume): a time budget counts them
+    epoch_ends: list[float] = field(default_factory=list)  # the clock at the start and after each epoch
 
     @property
     def main(self) -> str:
@@ -94,20 +100,24 @@ def say(accelerator: Accelerator, message: str) -> None:
 
 
 def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None,
-          deepspeed_plugin: Any = None) -> dict[str, Any]:
+          deepspeed_plugin: Any = None, started_before: float = 0.0) -> dict[str, Any]:
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop: the CLI,
-    Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch."""
+    Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch;
+    `started_before`: the seconds this process ran before (a time budget counts them)."""
+    clock = budget.Clock(started_before)
     trackers = tracking.parse(cfg.tracker)
     accelerator, choices = make_accelerator(cfg, trackers, deepspeed_plugin)
     preemption, failed, lock = None, True, None
     try:  # one teardown for every way out: the end, a preemption stop, an error
         out = output_dir(cfg, accelerator)
         lock = hold(out, accelerator)  # refused while another run uses the directory
+        if cfg.time_budget and (kept := budget.saved(out)) is not None:
+            cfg.epochs = kept.epochs  # a budgeted run's plan holds on resume
         if (done := finished_summary(out, cfg)) is not None:
             acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
             say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
         else:
-            run = setup(cfg, accelerator, out, trackers, choices)
+            run = setup(cfg, accelerator, out, trackers, choices, clock)
             start_records(run)
             preemption = Preemption()  # from here on a signal stops training at a step, with a checkpoint
             done = run_epochs(run, preemption, on_epoch)
@@ -122,7 +132,8 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
 def run_epochs(run: Run, preemption: Preemption,
                on_epoch: Callable[[dict[str, Any], Path], None] | None) -> dict[str, Any]:
     """The epochs still to train, then the results; or a checkpoint and a stop when a signal came."""
-    for epoch in range(run.state.epoch, run.cfg.epochs):
+    run.epoch_ends = [run.clock()]
+    while (epoch := run.state.epoch) < run.cfg.epochs:  # a time budget may shorten the run as it goes
         if 0 < run.cfg.stop_after <= epoch:  # asked to stop here: a later command goes on
             say(run.accelerator, f"stopped after epoch {epoch} (--stop-after {run.cfg.stop_after}): checkpoint "
                                  f"{checkpoints(run.out)[-1]}; rerun with a later --stop-after, or 0, to go on")
@@ -130,6 +141,8 @@ def run_epochs(run: Run, preemption: Preemption,
         if (sums := train_epoch(run, epoch, preemption)) is None:
             return stop(run, epoch, preemption, saved=False)
         metrics = end_epoch(run, epoch, sums)
+        if run.plan is not None:
+            keep_to_budget(run, metrics)
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(run.out)[-1])
         if run.state.epoch < run.cfg.epochs and preemption.requested(run.accelerator):
@@ -151,11 +164,14 @@ def teardown(accelerator: Accelerator, preemption: Preemption | None, failed: bo
 
 # --- set-up ----------------------------------------------------------------------------------------
 
-def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str], choices: dict[str, Any]) -> Run:
-    """The run directory, the data on the device, the model and its optimisation, and a resume from
-    the latest checkpoint when there is one. (The directory exists: `hold` made it, on every rank's behalf.)"""
+def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str], choices: dict[str, Any],
+          clock: budget.Clock) -> Run:
+    """The run directory, the data on the device, the plan of a time budget, the model and its
+    optimisation, and a resume from the latest checkpoint when there is one. (The directory exists:
+    `hold` made it, on every rank's behalf.)"""
     set_seed(cfg.seed)
     data, train_set, evals = load_splits(cfg, accelerator)
+    plan = plan_budget(cfg, accelerator, out, choices, clock, len(train_set), sum(len(s) for s in evals.values()))
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
     model, optimizer, size = build(cfg, accelerator, train_set, norm)
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -167,18 +183,43 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
         lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs)
         accelerator.register_for_checkpointing(lookahead)
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
-              state, steps_per_epoch, choices, size)
+              state, steps_per_epoch, choices, size, clock, plan=plan)
     ckpt, damaged = latest_readable(out, accelerator)  # a damaged newer one is set aside, with a line
     for line in damaged:
         say(accelerator, line)
     if ckpt is not None:
         saved_world = resume(accelerator, ckpt, optimizer, scheduler, state)
+        run.resumed_seconds = state.seconds
         restart = f"; elastic restart {elastic_restarts()}" if elastic_restarts() else ""
         say(accelerator, f"resumed from {ckpt} (epoch {state.epoch}, batch {state.batch}; saved by "
                          f"{saved_world} process(es), resumed on {accelerator.num_processes}{restart})")
     if folder := os.environ.get("CIFAR_DIST_TRACE"):
         run.trace = Path(folder) / f"rank{accelerator.process_index}-pid{os.getpid()}.jsonl"
+    run.slow_s = float(os.environ.get("CIFAR_DIST_SLOW_STEP") or 0)
     return run
+
+
+def plan_budget(cfg: Config, accelerator: Accelerator, out: Path, choices: dict[str, Any], clock: budget.Clock,
+                train_images: int, eval_images: int) -> budget.Plan | None:
+    """--time-budget: the plan kept in the run directory, else a new one from the main process's measurement
+    of this config's training step (its optimizer, precision and micro-batch, on random images), on every
+    rank alike; cfg.epochs becomes the plan's."""
+    if not cfg.time_budget:
+        return None
+    plan, budget_s = budget.saved(out), budget.parse_duration(cfg.time_budget)
+    if plan is None:
+        rate = [None]
+        if accelerator.is_main_process:
+            micro = choices["micro_batch"]
+            speed = machine.measure_micro(cfg, [micro], choices["mixed_precision"] == "bf16", accelerator.device,
+                                          lambda model: make_optimizer(cfg, model), seconds=min(2.0, budget_s / 50))
+            rate = [speed[micro] * accelerator.num_processes]
+        images_per_s = broadcast_object_list(rate)[0]
+        plan = budget.plan_epochs(cfg, budget_s, clock(), images_per_s, train_images, eval_images)
+        if accelerator.is_main_process:
+            budget.save(out, plan)
+    cfg.epochs = plan.epochs
+    return plan
 
 
 def load_splits(cfg: Config, accelerator: Accelerator) -> tuple[D.Data, D.Split, dict[str, D.Split]]:
@@ -249,6 +290,9 @@ def start_records(run: Run) -> None:
                      f"output {out}")
     say(accelerator, precision_line(run))
     say(accelerator, micro_batch_line(run))
+    if run.plan is not None:
+        kept = f"time budget: the plan kept, {run.plan.epochs} epochs"
+        say(accelerator, run.plan.line() if not run.state.epoch else kept)
 
 
 def threads(run: Run) -> str:
@@ -300,6 +344,8 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
                               run.choices["micro_batch"])
     for i, batch in enumerate(batches):
         loss, logits = step(run, batch.images, batch.labels)
+        if run.slow_s:
+            time.sleep(run.slow_s)
         if run.trace is not None:
             trace(run, epoch, start + i // accum, batch)
         sums += torch.stack([loss.detach() * len(batch.labels), (logits.detach().argmax(1) == batch.labels).sum(),
@@ -405,6 +451,28 @@ def feature_maps(run: Run, tag: str) -> None:
                               run.cfg.feature_channels, run.out / "feature_maps" / tag, run.state.step)
 
 
+def keep_to_budget(run: Run, metrics: dict[str, Any]) -> None:
+    """At an epoch's end: when the measured pace would overrun the budget, the fewest epochs cut that
+    fit (the schedule laid over them anew); at once when the epoch just trained was evaluated and no
+    further one fits. The same decision on every rank (the main process's clock)."""
+    plan, state = run.plan, run.state
+    assert plan is not None
+    run.epoch_ends.append(run.clock())  # an epoch's wall-clock: training, evaluation, checkpoint, pictures
+    paces = [b - a for a, b in zip(run.epoch_ends, run.epoch_ends[1:])]
+    spent, paces = broadcast_object_list([run.epoch_ends[-1] + run.resumed_seconds, paces])
+    epochs = budget.replan(plan, state.epoch, spent, paces, evaluated=f"{run.main}_acc" in metrics)
+    if epochs is None:
+        return
+    run.cfg.epochs = epochs
+    run.scheduler.lr_lambdas = lr_factors(run.cfg, run.optimizer, run.steps_per_epoch)
+    if run.lookahead is not None:
+        run.lookahead.total = run.steps_per_epoch * epochs
+    if run.accelerator.is_main_process:
+        budget.save(run.out, plan)
+    say(run.accelerator, f"time budget: behind the plan ({spent:.0f}s of {plan.budget_s:.0f}s spent after "
+                         f"{state.epoch} epochs, {plan.shortened[-1]['pace_s']:.1f}s an epoch): {epochs} epochs in all")
+
+
 # --- the end of a run ------------------------------------------------------------------------------
 
 def stop(run: Run, epochs_done: int, preemption: Preemption, saved: bool) -> dict[str, Any]:
@@ -458,6 +526,8 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
                    rank_weight_digests=digests, restarts=elastic_restarts(), resumes=run.state.resumes,
                    **{f"per_class_{run.main}_acc": per_class},
                    normalization=dict(mean=list(run.data.mean), std=list(run.data.std)))
+    if run.plan is not None:  # the plan and its outcome: the seconds used until the summary (not its write)
+        summary["time_budget"] = dict(dataclasses.asdict(run.plan), used_s=round(run.clock() + run.resumed_seconds, 1))
     return summary
 
 

@@ -1,0 +1,85 @@
+"""Training to a deadline (--time-budget): the plan, its shortening on a slowed machine, its keeping on
+resume. In this process (what is tested is the run's own clock, not a process's start)."""
+import json
+import time
+
+import pytest
+
+from cifar_dist import budget, train
+from cifar_dist.config import ConfigError, resolve
+
+from conftest import TINY, assert_one_line_error, metrics, summary
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_durations_read_as_people_write_them():
+    assert [budget.parse_duration(t) for t in ("90s", "10m", "1h30m", "2.5m", "600", " 1H ")] == \
+        [90, 600, 5400, 150, 600, 3600]
+    for bad in ("ten minutes", "0s", "-5m", "5x", ""):
+        with pytest.raises(ConfigError, match="time_budget"):
+            budget.parse_duration(bad)
+
+
+def test_the_plan_is_the_most_epochs_whose_training_evaluations_and_end_fit():
+    cfg = resolve([*TINY, "--eval-every", "2", "--tta", "none"])  # batch 100
+    # 2,000 training images at 1,000/s: 2 s an epoch; 500 evaluated at a third of the cost: 1/6 s each time
+    plan = budget.plan_epochs(cfg, 60.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
+    free = 60.0 - 5.0 - budget.RESERVE_S - budget.RESERVE_FRACTION * 60.0
+    assert budget.cost(plan.epochs, 2.0, 1 / 6, 2) <= free < budget.cost(plan.epochs + 1, 2.0, 1 / 6, 2)
+    assert plan.epochs == 24 and plan.planned_epochs == 24 and plan.started_after_s == 5.0
+    tight = budget.plan_epochs(cfg, 4.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
+    assert tight.epochs == 1  # nothing fits: still one epoch, evaluated
+
+
+def test_a_pace_behind_the_plan_shortens_it_only_as_far_as_needed():
+    plan = budget.Plan(budget_s=60, epochs=20, planned_epochs=20, expected_s=58, images_per_s=1000, epoch_s=2.5,
+                       started_after_s=5, shortened=[])
+    assert budget.replan(plan, 4, spent_s=15.0, epoch_seconds=[2.5, 2.5], evaluated=True) is None  # on pace
+    assert budget.replan(plan, 5, spent_s=25.0, epoch_seconds=[2.5, 5.0], evaluated=True) == 5 + int(32 // 5.0)
+    assert plan.epochs == 11 and plan.shortened == [dict(after_epoch=5, epochs=11, pace_s=5.0)]
+    assert budget.replan(plan, 6, spent_s=59.0, epoch_seconds=[5.0, 9.0], evaluated=False) == 7  # ends evaluated
+    assert budget.replan(plan, 7, spent_s=70.0, epoch_seconds=[9.0], evaluated=True) is None  # the end anyway
+    late = budget.Plan(budget_s=60, epochs=20, planned_epochs=20, expected_s=58, images_per_s=1000, epoch_s=2.5,
+                       started_after_s=5, shortened=[])
+    assert budget.replan(late, 3, spent_s=58.0, epoch_seconds=[2.5, 20.0], evaluated=True) == 3  # stops now
+
+
+BUDGETED = [*TINY, "--time-budget", "20s"]
+SLOW = dict(CIFAR_DIST_SLOW_STEP="0.15")  # 20 steps an epoch: 3 s more an epoch than the plan measured
+
+
+def test_a_slowed_machine_shortens_the_plan_and_the_run_ends_evaluated_within_its_budget(tmp_path, in_process):
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    r = in_process(train.main, [*BUDGETED, "--output-dir", str(out)], **SLOW)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    s = summary(out)
+    plan = s["time_budget"]
+    assert "time budget 20s: " in r.stdout and f"{plan['planned_epochs']} epochs planned" in r.stdout
+    assert plan["shortened"] and "time budget: behind the plan" in r.stdout  # the plan did not see the pauses
+    assert s["epochs_completed"] == plan["epochs"] < plan["planned_epochs"]
+    assert "test_acc" in metrics(out)[-1] and (out / "checkpoints" / f"epoch-{plan['epochs']:04d}").is_dir()
+    assert plan["used_s"] <= 20 * 1.05 and elapsed <= 20 * 1.05 + 1  # the summary's clock; then its write
+    assert json.loads((out / "plan.json").read_text())["epochs"] == plan["epochs"]
+
+
+def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, in_process):
+    out = tmp_path / "run"
+    first = in_process(train.main, [*BUDGETED, "--stop-after", "1", "--output-dir", str(out)])
+    assert first.returncode == 0, first.stderr
+    kept = json.loads((out / "plan.json").read_text())
+    assert kept["epochs"] > 1 and [m["epoch"] for m in metrics(out)] == [1]
+    again = in_process(train.main, [*BUDGETED, "--output-dir", str(out)])
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "time budget: the plan kept" in again.stdout
+    plan = summary(out)["time_budget"]
+    assert plan["planned_epochs"] == kept["planned_epochs"] and plan["images_per_s"] == kept["images_per_s"]
+    assert summary(out)["epochs_completed"] == plan["epochs"] == len(metrics(out))
+
+
+def test_a_bad_budget_is_one_line(tmp_path, main_in_process):
+    code, err = main_in_process(train.main, [*TINY, "--time-budget", "soon", "--output-dir", str(tmp_path / "o")])
+    assert_one_line_error(code, err, "time_budget 'soon' is not a duration; write e.g. 90s, 10m or 1h30m")
+    assert not (tmp_path / "o").exists()
