@@ -125,3 +125,12 @@ def test_airbench_table_is_read_from_its_final_row_with_or_without_its_header():
            "|          |   eval  |      0.5900  |     0.9300  |   0.9380  |       0.9399  |              3.8100  |\n"
     assert last_row(run0) == dict(acc=0.9412, seconds=3.8512)
     assert last_row(run1) == dict(acc=0.9399, seconds=3.81)  # airbench prints its header on run 0 only
+
+
+def test_budget_bench_records_plan_epochs_wall_clock_and_accuracy(tmp_path):
+    r = bench("budget", ["--budgets", "15s", "--results", str(tmp_path / "b.jsonl"), "--", *TINY], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads((tmp_path / "b.jsonl").read_text())["rows"]
+    assert row["budget_s"] == 15 and row["epochs"] == row["plan"]["epochs"] <= row["planned"]
+    assert row["vs_budget"] == f"{row['wall_s'] / 15:.3f}x" and 0 < row["test_acc"] <= 100
+    assert "15s" in r.stdout and row["vs_budget"] in r.stdout
