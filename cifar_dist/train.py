@@ -82,6 +82,7 @@ class Run:
     slow_s: float = 0.0  # a pause after every step ($CIFAR_DIST_SLOW_STEP: a test's busy machine)
     resumed_seconds: float = 0.0  # trained before this process (a resume): a time budget counts them
     epoch_ends: list[float] = field(default_factory=list)  # the clock at the start and after each epoch
+    curves_drawn: tuple[int, float] = (0, -math.inf)  # curves.png: the epoch it shows and the clock then
 
     @property
     def main(self) -> str:
@@ -135,6 +136,7 @@ def run_epochs(run: Run, preemption: Preemption,
     run.epoch_ends = [run.clock()]
     while (epoch := run.state.epoch) < run.cfg.epochs:  # a time budget may shorten the run as it goes
         if 0 < run.cfg.stop_after <= epoch:  # asked to stop here: a later command goes on
+            draw_curves(run, final=True)
             say(run.accelerator, f"stopped after epoch {epoch} (--stop-after {run.cfg.stop_after}): checkpoint "
                                  f"{checkpoints(run.out)[-1]}; rerun with a later --stop-after, or 0, to go on")
             return {"stopped": True, "epoch": epoch}
@@ -431,7 +433,7 @@ def end_epoch(run: Run, epoch: int, sums: list[float]) -> dict[str, Any]:
                      for k, v in metrics.items() if k != "step"}, step=state.step)
     if accelerator.is_main_process:
         write_metrics(run.out, state.history)
-        pictures.save_png(pictures.curves_figure(state.history), run.out / "curves.png")
+        draw_curves(run, final=state.epoch == cfg.epochs)
         if cfg.feature_maps_every and state.epoch % cfg.feature_maps_every == 0 and state.epoch < cfg.epochs:
             feature_maps(run, f"epoch-{state.epoch:04d}")
     say(accelerator, epoch_line(run, metrics))
@@ -442,6 +444,23 @@ def epoch_line(run: Run, m: dict[str, Any]) -> str:
     evals = "".join(f" | {n} loss {m[f'{n}_loss']:.4f} acc {m[f'{n}_acc']:6.2%}" for n in run.evals if f"{n}_acc" in m)
     return (f"epoch {m['epoch']:3d}/{run.cfg.epochs} | train loss {m['train_loss']:.4f} acc {m['train_acc']:6.2%}"
             f"{evals} | lr {m['lr']:.3g} | {m['images_per_second']:,.0f} img/s | {m['seconds']:.1f}s")
+
+
+# A matplotlib figure costs a third of a CPU-second: after every epoch of a run whose epochs take seconds
+# (a quick or synthetic run, a search's trials) that was a tenth of its time. The picture is for a person
+# looking in now and then; metrics.jsonl and the trackers have every epoch at once.
+CURVES_EVERY_S = 30.0
+
+
+def draw_curves(run: Run, final: bool) -> None:
+    """Main process: curves.png of every epoch so far, when CURVES_EVERY_S passed since the last one, or
+    at the end of the run or of this part of it (a stop), unless it shows this epoch already."""
+    epoch, at = run.curves_drawn
+    due = final or run.clock() - at >= CURVES_EVERY_S
+    if not run.accelerator.is_main_process or not run.state.history or epoch == run.state.epoch or not due:
+        return
+    pictures.save_png(pictures.curves_figure(run.state.history), run.out / "curves.png")
+    run.curves_drawn = (run.state.epoch, run.clock())
 
 
 def feature_maps(run: Run, tag: str) -> None:
@@ -478,6 +497,7 @@ def keep_to_budget(run: Run, metrics: dict[str, Any]) -> None:
 def stop(run: Run, epochs_done: int, preemption: Preemption, saved: bool) -> dict[str, Any]:
     """A signal asked to stop: checkpoint where training is, so a rerun resumes there."""
     where = save_preempted(run.accelerator, run.out, run.state, epochs_done, run.cfg.keep_checkpoints, saved)
+    draw_curves(run, final=True)
     say(run.accelerator, f"stopped by a signal ({preemption.signal or 'on another rank'}) {where}")
     run.accelerator.wait_for_everyone()
     return {"preempted": True, "epoch": epochs_done, "batch": run.state.batch}
@@ -491,6 +511,7 @@ def finish(run: Run) -> dict[str, Any]:
     confusion = run.confusion.long().cpu().numpy()
     per_class = {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(run.data.classes)}
     if accelerator.is_main_process:
+        draw_curves(run, final=True)  # (a time budget may end a run before its planned last epoch)
         feature_maps(run, "final")
         figure = pictures.confusion_figure(confusion, run.data.classes)
         pictures.publish(accelerator, run.trackers, {"confusion_matrix": figure}, run.out, state.step)
