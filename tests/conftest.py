@@ -227,6 +227,26 @@ def in_process(capsys, monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)  # and after the test (it may call main itself)
 
 
+def train_once(argv: list[str], **environ: str | None) -> None:
+    """train.main(argv) in this process, for a run a module's tests share (a fixture of module scope, where
+    in_process is not at hand), with the environment of env(**environ) meanwhile and Accelerate's process
+    state reset after: a subprocess's start-up (interpreter, torch, its compiler's import) is not paid."""
+    from accelerate.state import AcceleratorState
+
+    from cifar_dist import train
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env(**environ))
+    try:
+        code = train.main(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert code == 0, f"train.main({argv}) exited {code}"
+
+
 @pytest.fixture
 def main_in_process(in_process):
     """in_process, returning (exit code, stderr)."""

@@ -16,6 +16,8 @@ import psutil
 import pytest
 import torch
 
+from cifar_dist import train
+
 from conftest import (
     ROOT,
     TINY,
@@ -24,8 +26,8 @@ from conftest import (
     free_port,
     kill_tree,
     metrics,
-    run_train,
     summary,
+    train_once,
     wait_for_file,
 )
 
@@ -68,8 +70,7 @@ def distance(a: Path, b: Path) -> float:
 def one_process(tmp_path_factory) -> tuple[Path, Path]:
     """The uninterrupted 1-process run: its output and its trace."""
     tmp = tmp_path_factory.mktemp("one")
-    r = run_train([*ELASTIC, "--output-dir", str(tmp / "run")], tmp, CIFAR_DIST_TRACE=str(tmp))
-    assert r.returncode == 0, r.stderr[-3000:]
+    train_once([*ELASTIC, "--output-dir", str(tmp / "run")], CIFAR_DIST_TRACE=str(tmp))
     return tmp / "run", tmp
 
 
@@ -95,7 +96,8 @@ def start(nproc: int, out: Path, trace: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_another_world_size_resumes_the_same_batches_to_the_same_weights(tmp_path, one_process, first, then):
+def test_another_world_size_resumes_the_same_batches_to_the_same_weights(tmp_path, one_process, first, then,
+                                                                         in_process):
     """Stopped by a signal after epoch 1 (mid-epoch 2, wherever the signal lands) on `first` processes,
     resumed on `then`: every global batch of the run holds the same images, augmented alike, as in the
     uninterrupted 1-process run, each trained once; the weights agree within TOLERANCE."""
@@ -109,7 +111,7 @@ def test_another_world_size_resumes_the_same_batches_to_the_same_weights(tmp_pat
     assert proc.returncode == 0 and "stopped by a signal" in stdout, stderr[-3000:]
     assert not (out / "summary.json").exists()
     if then == 1:
-        r = run_train([*ELASTIC, "--output-dir", str(out)], tmp_path, CIFAR_DIST_TRACE=str(tmp_path))
+        r = in_process(train.main, [*ELASTIC, "--output-dir", str(out)], CIFAR_DIST_TRACE=str(tmp_path))
     else:
         r = accelerate_launch([*ELASTIC, "--output-dir", str(out)], tmp_path, nproc=then,
                               CIFAR_DIST_TRACE=str(tmp_path))
@@ -214,11 +216,11 @@ def digest(out: Path) -> str:
     return hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
 
 
-def test_deterministic_twice_gives_identical_weights(tmp_path, one_process):
+def test_deterministic_twice_gives_identical_weights(tmp_path, one_process, train_here):
     """Two runs with --deterministic: deterministic algorithms on in the run (summary.json reads torch's own
     flag at the end; off in a run without it), and bit-identical weights."""
     args = [*TINY, "--epochs", "1", "--deterministic"]
-    runs = [run_train([*args, "--output-dir", str(tmp_path / name)], tmp_path) for name in ("a", "b")]
+    runs = [train_here([*args, "--output-dir", str(tmp_path / name)]) for name in ("a", "b")]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     assert summary(tmp_path / "a")["deterministic_algorithms"] is True
@@ -232,7 +234,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_second_run_on_a_live_runs_directory_is_refused_then_resumes_after_it_dies(tmp_path):
+def test_a_second_run_on_a_live_runs_directory_is_refused_then_resumes_after_it_dies(tmp_path, train_here):
     """The first run holds the directory's lock (paused with SIGSTOP, so its files stand still while the
     second tries): the second is refused with one line and exit 2, changing nothing. Once the first is
     SIGKILLed, the OS releases the lock and the same command resumes the run."""
@@ -244,7 +246,7 @@ def test_a_second_run_on_a_live_runs_directory_is_refused_then_resumes_after_it_
         assert wait_for_file(out / "checkpoints" / "epoch-0001", timeout=200, poll=0.02)
         first.send_signal(signal.SIGSTOP)
         before = snapshot(out)
-        r = run_train(args, tmp_path)
+        r = train_here(args)  # here: the lock is the other process's (an OS lock, released when it dies)
         assert r.returncode == 2, r.stderr[-2000:]
         errors = [line for line in r.stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and f"output dir {out} is in use by a live run (pid {first.pid} " in errors[0], r.stderr
@@ -253,6 +255,6 @@ def test_a_second_run_on_a_live_runs_directory_is_refused_then_resumes_after_it_
     finally:
         first.kill()
         first.wait()
-    r = run_train(args, tmp_path)
+    r = train_here(args)
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4]

@@ -11,7 +11,7 @@ from cifar_dist.evaluate import predict
 from cifar_dist.model import ModelSpec, SpecError, build_model, check_spec, count_params, output_size
 from cifar_dist.optim import Lookahead, lr_factor, lr_factors, make_optimizer
 
-from conftest import metrics, run_train, summary
+from conftest import metrics, summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -133,12 +133,12 @@ def test_schedule_and_parameter_groups_of_the_fast_recipe():
     assert default == {"weights", "biases", "norm", "head", "head_bias"}
 
 
-def test_fast_run_evaluates_the_ema_weights_freezes_the_stem_and_counts_flops(tmp_path):
+def test_fast_run_evaluates_the_ema_weights_freezes_the_stem_and_counts_flops(tmp_path, train_here):
     out = tmp_path / "run"
     args = ["--preset", "fast", "--recipe", "fast-sgd", "--dataset", "synthetic", "--train-subset", "1000", "--test-subset", "200", "--epochs",
             "3", "--batch-size", "100", "--whiten-bias-epochs", "1", "--eval-every", "2", "--keep-checkpoints", "3",
             "--output-dir", str(out)]
-    r = run_train(args, tmp_path)
+    r = train_here(args)
     assert r.returncode == 0, r.stderr
     rows = metrics(out)
     assert ["test_acc" in m for m in rows] == [False, True, True]  # every 2nd epoch and the last

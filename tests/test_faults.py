@@ -11,7 +11,7 @@ import pytest
 from cifar_dist import train
 from cifar_dist.rundir import MANIFEST, checkpoints, damage
 
-from conftest import TINY, metrics, summary
+from conftest import TINY, metrics, summary, train_once
 
 pytestmark = pytest.mark.timeout(300)
 ARGS = [*TINY, "--epochs", "3", "--train-subset", "1000", "--test-subset", "200"]
@@ -20,11 +20,8 @@ ARGS = [*TINY, "--epochs", "3", "--train-subset", "1000", "--test-subset", "200"
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The run uninterrupted, in this process: what every faulted run must end at."""
-    from accelerate.state import AcceleratorState
-
     out = tmp_path_factory.mktemp("reference") / "run"
-    assert train.main([*ARGS, "--output-dir", str(out)]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
+    train_once([*ARGS, "--output-dir", str(out)])
     return out
 
 

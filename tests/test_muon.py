@@ -11,7 +11,7 @@ from cifar_dist.config import resolve
 from cifar_dist.model import build_model
 from cifar_dist.optim import Muon, make_optimizer, orthogonalize
 
-from conftest import TINY, env, metrics, run_train, summary, wait_for_file
+from conftest import TINY, env, metrics, summary, wait_for_file
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -58,10 +58,10 @@ def test_the_muon_recipe_groups():
     assert groups["norm"]["lr"] == pytest.approx(0.053 * 2000)
 
 
-def test_a_muon_run_learns_and_a_killed_one_resumes_to_the_same_weights(tmp_path):
+def test_a_muon_run_learns_and_a_killed_one_resumes_to_the_same_weights(tmp_path, train_here):
     args = [*TINY, "--optimizer", "muon", "--muon-lr", "0.05", "--epochs", "4", "--train-subset", "1000"]
     ref = tmp_path / "ref"
-    assert run_train([*args, "--output-dir", str(ref)], tmp_path).returncode == 0
+    assert train_here([*args, "--output-dir", str(ref)]).returncode == 0  # (the process killed below is real)
     assert metrics(ref)[-1]["test_acc"] > 0.3  # chance is 0.1
     out = tmp_path / "run"  # killed after a checkpoint (Muon's momentum buffers in it), then rerun
     proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)],
@@ -71,7 +71,7 @@ def test_a_muon_run_learns_and_a_killed_one_resumes_to_the_same_weights(tmp_path
     proc.wait()
     if (out / "summary.json").exists():
         pytest.skip("the run finished before the kill landed")
-    r = run_train([*args, "--output-dir", str(out)], tmp_path)
+    r = train_here([*args, "--output-dir", str(out)])
     assert r.returncode == 0 and "resumed from" in r.stdout
     assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4]
     assert summary(out)["rank_weight_digests"] == summary(ref)["rank_weight_digests"]

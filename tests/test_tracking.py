@@ -121,14 +121,14 @@ def test_resume_continues_the_step_axis(tmp_path, tiny_args):
     assert len(ids) == 1  # the resumed W&B run is the same run
 
 
-def test_onnx_export_passes_checker_and_matches_pytorch(tmp_path, tiny_args):
+def test_onnx_export_passes_checker_and_matches_pytorch(tmp_path, tiny_args, train_here):
     import onnxruntime
 
     from cifar_dist.export import export, main
 
     out = tmp_path / "run"
-    assert run_train(["--dataset", "synthetic", "--preset", "seed3", "--epochs", "1", "--train-subset", "500",
-                      "--output-dir", str(out)], tmp_path).returncode == 0
+    assert train_here(["--dataset", "synthetic", "--preset", "seed3", "--epochs", "1", "--train-subset", "500",
+                       "--output-dir", str(out)]).returncode == 0
     assert main([str(out)]) == 0
     assert (out / "model.onnx").is_file() and not list(out.glob("*.onnx.data"))  # one file
     diff, rel = export(out)

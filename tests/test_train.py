@@ -11,7 +11,7 @@ import yaml
 
 from cifar_dist import train
 
-from conftest import TINY, assert_one_line_error, env, metrics, run_train, summary, wait_for_file, write_bin
+from conftest import TINY, assert_one_line_error, env, metrics, run_train, summary, train_once, wait_for_file, write_bin
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,12 +56,11 @@ RESUMED = [*TINY, "--epochs", "6", "--log-every", "1", "--widths", "16,32", "--s
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     ref = tmp_path_factory.mktemp("reference") / "run"
-    r = run_train([*RESUMED, "--output-dir", str(ref)], ref.parent)
-    assert r.returncode == 0, r.stderr
+    train_once([*RESUMED, "--output-dir", str(ref)])
     return ref
 
 
-def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, reference):
+def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, reference, train_here):
     args, ref = RESUMED, reference
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "cifar_dist.train", *args, "--output-dir", str(out)]
@@ -70,7 +69,7 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, reference):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "epoch-0002").exists() and not (out / "summary.json").exists()
-    r = run_train([*args, "--output-dir", str(out)], tmp_path)
+    r = train_here([*args, "--output-dir", str(out)])  # the rerun: here (the process killed above is real)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     rows = metrics(out)
@@ -170,7 +169,7 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_args
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, reference, sig):
+def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, reference, sig, train_here):
     """A signal mid-epoch (log-every 1: the next step): a mid-epoch checkpoint, and the rerun ends exactly
     where the uninterrupted run does."""
     args, ref = RESUMED, reference
@@ -182,7 +181,7 @@ def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, ref
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopped by a signal" in stdout and not (out / "summary.json").exists()
-    r = run_train([*args, "--output-dir", str(out)], tmp_path)
+    r = train_here([*args, "--output-dir", str(out)])
     assert r.returncode == 0 and "resumed from" in r.stdout
     assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert [m["train_loss"] for m in metrics(out)] == [m["train_loss"] for m in metrics(ref)]

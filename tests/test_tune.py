@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error, env, free_port, kill_tree, metrics, run, run_train, summary
+from conftest import ROOT, assert_one_line_error, env, free_port, kill_tree, metrics, run, summary
 
 # The searches of this module run two at a time, each with a Ray of its own (two searches on one machine
 # must work: see another_ray below), in two groups of about the same length (ray-a, ray-b): more at once
@@ -43,7 +43,7 @@ def rows(out):
 
 
 @pytest.mark.xdist_group("ray-b")
-def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
+def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path, train_here):
     out = tmp_path / "s"
     # the same good and hopeless lr twice each; one at a time, so ASHA has seen a good one at epoch 1
     r = search(["--space", space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}), "--num-samples", "1",
@@ -68,8 +68,7 @@ def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path):
         assert all("test_acc" not in m for m in metrics(trial))  # trials never look at the test set
         assert all("val_acc" in m for m in metrics(trial))
     assert "val_acc" in r.stdout and "best:" in r.stdout
-    trained = run_train(["--config", str(out / "best.yaml"), "--epochs", "1", "--output-dir", str(tmp_path / "b")],
-                        tmp_path)
+    trained = train_here(["--config", str(out / "best.yaml"), "--epochs", "1", "--output-dir", str(tmp_path / "b")])
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert summary(tmp_path / "b")["test_acc"] > 0.3
 
@@ -100,7 +99,8 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
 @pytest.mark.xdist_group("ray-a")
 def test_interrupted_pbt_search_resumes_the_population_and_keeps_its_exploits(tmp_path):
     """Killed after the first perturbation, in the second interval: --resume brings every trial back
-    from the checkpoint Tune last saved for it (its own, or a copied one) and the population finishes."""
+    from the checkpoint Tune last saved for it (its own, or a copied one) and the population finishes;
+    then the search's records (the PBT case of test_pbt_search_copies_top_trials_weights_and_records_every_exploit)."""
     out = tmp_path / "s"
     args = ["--space", space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate=MUTATE["pbt"]), "--scheduler",
             "pbt", "--num-samples", "1", "--max-epochs", "4", "--perturbation-interval", "1", "--mixed-precision",
@@ -118,8 +118,10 @@ def test_interrupted_pbt_search_resumes_the_population_and_keeps_its_exploits(tm
     r = search([*args, "--resume"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [(row["status"], row["epochs"]) for row in rows(out)] == [("completed", "4")] * 4
-    for trial, rs in assert_exploits_continue_from_donors(out, r.stdout).items():
+    reports = assert_exploits_continue_from_donors(out, r.stdout)
+    for trial, rs in reports.items():
         assert sorted({e["epoch"] for e in rs}) == [1, 2, 3, 4], trial  # an epoch may be trained again, none lost
+    assert_search_records(out, reports)
 
 
 @pytest.mark.xdist_group("ray-b")
@@ -181,22 +183,25 @@ def journal(out, trial):
 
 
 @pytest.mark.xdist_group("ray-b")
-@pytest.mark.parametrize("scheduler", ["pbt", "pb2"])
-def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path, scheduler):
+def test_pbt_search_copies_top_trials_weights_and_records_every_exploit(tmp_path):
+    """PB2 (PBT's own search is the interrupted one above, whose records are checked the same way)."""
     out = tmp_path / "s"
     # two good lrs and two hopeless ones
-    sp = space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate=MUTATE[scheduler])
+    sp = space(tmp_path, lr={"grid": [0.05, 1e-5, 0.05, 1e-5]}, mutate=MUTATE["pb2"])
     # one perturbation (after epoch 1) and an epoch on the copied weights: what this tests
     # and the best trial retrained (or its schedule replayed) as a run of its own on the full training set
-    retrain = ["--retrain-best", "--test-subset", "100"] if scheduler == "pbt" else []
-    r = search(["--space", sp, "--scheduler", scheduler, "--num-samples", "1", "--max-epochs", "2",
-                "--perturbation-interval", "1", "--mixed-precision", "no", "--output-dir", str(out), *retrain], tmp_path)
+    r = search(["--space", sp, "--scheduler", "pb2", "--num-samples", "1", "--max-epochs", "2",
+                "--perturbation-interval", "1", "--mixed-precision", "no", "--output-dir", str(out), "--retrain-best",
+                "--test-subset", "100"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    if retrain:
-        (best,) = [p for p in out.iterdir() if p.name.startswith("best-") and p.is_dir()]
-        assert summary(best)["epochs_completed"] == 2 and "test_acc" in summary(best)
-        assert "on the full training set: test acc" in r.stdout
-    reports = assert_exploits_continue_from_donors(out, r.stdout)
+    (best,) = [p for p in out.iterdir() if p.name.startswith("best-") and p.is_dir()]
+    assert summary(best)["epochs_completed"] == 2 and "test_acc" in summary(best)
+    assert "on the full training set: test acc" in r.stdout
+    assert_search_records(out, assert_exploits_continue_from_donors(out, r.stdout))
+
+
+def assert_search_records(out, reports):
+    """history.csv holds every report; no trial looked at the test set; exploits counted; search.png drawn."""
     history = rows_of(out / "history.csv")
     assert len(history) == sum(len(v) for v in reports.values()) and all(row["val_acc"] for row in history)
     for trial in reports:  # ranked on validation only: no trial ever looked at the test set
