@@ -192,6 +192,23 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DDP's wrapper (or DeepSpeed's engine). Accelerate's unwrap_model imports deepspeed
+    whenever it is installed, to look for its engine: a CPU-second of every process's start-up, and
+    DeepSpeed's "Setting accelerator to CPU" line in runs that do not use it. So it is asked under DeepSpeed
+    only. (A compiled model needs nothing: train.py compiles in place.)"""
+    if uses_deepspeed(accelerator):
+        return accelerator.unwrap_model(model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def cpu_weights(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's state_dict on the CPU (DeepSpeed's through Accelerate, which gathers its partitions)."""
+    state = (accelerator.get_state_dict(model) if uses_deepspeed(accelerator)
+             else unwrap(accelerator, model).state_dict())
+    return {k: v.cpu() for k, v in state.items()}
+
+
 def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
     """What DeepSpeed needs that a plain loop does not: its batch sizes, from our global batch size (we
     prepare no DataLoader for Accelerate to read them from)."""

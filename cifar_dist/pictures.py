@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from PIL import Image
 
 from cifar_dist import tracking
+from cifar_dist.distributed import unwrap
 from cifar_dist.model import ResNet, forward_outputs
 from cifar_dist.rundir import replacing
 
@@ -56,7 +57,7 @@ def publish(accelerator: Accelerator, trackers: list[str], pictures: dict[str, n
 def log_feature_maps(accelerator: Accelerator, trackers: list[str], model: torch.nn.Module, images: torch.Tensor,
                      channels: int, folder: Path, step: int) -> None:
     """Main process: feature-map grids of the stem and every block, as PNGs and to the trackers."""
-    grids = feature_maps(accelerator.unwrap_model(model), images, channels)
+    grids = feature_maps(unwrap(accelerator, model), images, channels)
     publish(accelerator, trackers, grids, folder, step, prefix="features/")
 
 

@@ -383,10 +383,10 @@ def write_metrics(out: Path, history: list[dict[str, Any]]) -> None:
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
 
 
-def save_results(accelerator: Accelerator, model: torch.nn.Module, out: Path, summary: dict[str, Any]) -> None:
-    """Main process: model.pt (CPU tensors: loads anywhere), model_card.md, then summary.json, which marks
-    the run done. Each written whole or not at all."""
-    weights = {k: v.cpu() for k, v in accelerator.get_state_dict(model).items()}
+def save_results(accelerator: Accelerator, weights: dict[str, torch.Tensor], out: Path,
+                 summary: dict[str, Any]) -> None:
+    """Main process: model.pt (the weights, CPU tensors: loads anywhere), model_card.md, then summary.json,
+    which marks the run done. Each written whole or not at all."""
     with replacing(out / "model.pt") as tmp:
         accelerator.save(weights, tmp)
     write_atomic(out / "model_card.md", model_card(summary))

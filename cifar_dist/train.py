@@ -25,7 +25,15 @@ from accelerate.utils import broadcast_object_list, set_seed
 from cifar_dist import budget, flops, machine, pictures, tracking
 from cifar_dist import data as D
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
-from cifar_dist.distributed import configure_deepspeed, make_accelerator, rank_digests, sync_batchnorm, uses_deepspeed
+from cifar_dist.distributed import (
+    configure_deepspeed,
+    cpu_weights,
+    make_accelerator,
+    rank_digests,
+    sync_batchnorm,
+    unwrap,
+    uses_deepspeed,
+)
 from cifar_dist.evaluate import evaluate
 from cifar_dist.model import build_model, count_params, model_bytes, summarize
 from cifar_dist.optim import Lookahead, lr_factors, make_optimizer, make_scheduler
@@ -182,7 +190,7 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
     accelerator.register_for_checkpointing(scheduler, state)
     lookahead = None
     if cfg.lookahead:
-        lookahead = Lookahead(accelerator.unwrap_model(model), steps_per_epoch * cfg.epochs)
+        lookahead = Lookahead(unwrap(accelerator, model), steps_per_epoch * cfg.epochs)
         accelerator.register_for_checkpointing(lookahead)
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
               state, steps_per_epoch, choices, size, clock, plan=plan)
@@ -280,7 +288,7 @@ def start_records(run: Run) -> None:
     if not accelerator.is_main_process:
         return
     write_metrics(out, run.state.history)
-    table = summarize(accelerator.unwrap_model(run.model))
+    table = summarize(unwrap(accelerator, run.model))
     (out / "model_summary.txt").write_text(table + "\n")
     say(accelerator, table)
     samples = run.first_images(16)
@@ -518,7 +526,7 @@ def finish(run: Run) -> dict[str, Any]:
         accelerator.log({f"{run.main}/acc_{c}": a for c, a in per_class.items()}, step=state.step)
     summary = summarize_run(run, per_class, rank_digests(run.model))
     if accelerator.is_main_process:
-        save_results(accelerator, run.model, run.out, summary)
+        save_results(accelerator, cpu_weights(accelerator, run.model), run.out, summary)
         say(accelerator, f"done: {run.main} acc {summary[f'{run.main}_acc']:.2%} "
                          f"(best {summary[f'best_{run.main}_acc']:.2%}) "
                          f"after {state.epoch} epochs, {state.seconds:.0f}s; results in {run.out}")
