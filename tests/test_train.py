@@ -11,7 +11,18 @@ import yaml
 
 from cifar_dist import train
 
-from conftest import TINY, assert_one_line_error, env, metrics, run_train, summary, train_once, wait_for_file, write_bin
+from conftest import (
+    TINY,
+    assert_one_line_error,
+    env,
+    metrics,
+    run,
+    run_train,
+    summary,
+    train_once,
+    wait_for_file,
+    write_bin,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -249,3 +260,13 @@ def test_a_short_cifar100_run_trains_and_writes_readable_pictures(tmp_path, tiny
         assert (out / picture).stat().st_size > 10_000, picture
     assert Image.open(out / "confusion_matrix.png").size[0] > 2000  # the wide 100-class form, beside the sorted bars
     assert "cifar100: 1,000 training images" in (out / "model_card.md").read_text()
+
+
+def test_a_run_without_deepspeed_does_not_import_it(tmp_path):
+    """DeepSpeed installed but not asked for: not imported (a CPU-second of start-up; Accelerate's unwrap_model
+    imported it to look for its engine) and its "Setting accelerator to CPU" line is not printed."""
+    code = (f"import sys; from cifar_dist import train; sys.exit(train.main({[*TINY, '--output-dir', str(tmp_path / 'o')]!r})"
+            " or 10 * ('deepspeed' in sys.modules))")
+    r = run([sys.executable, "-c", code], 120, cwd=tmp_path, env=env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Setting accelerator" not in r.stdout + r.stderr
