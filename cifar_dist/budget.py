@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,52 @@ from cifar_dist.flops import tta_views
 RESERVE_S, RESERVE_FRACTION = 3.0, 0.03
 EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (a forward, no backward)
 UNITS = {"h": 3600, "m": 60, "s": 1}
+# --time-budget slurm: the job's time left, less this margin, unless one is written ("slurm-30s"): slurm/train.sh
+# asks for USR1 180 s before the limit to checkpoint and requeue, and a budgeted job should end before that.
+SLURM_MARGIN = "200s"
+
+
+def check_budget(text: str) -> None:
+    """A ConfigError unless `text` is a duration, or `slurm[-margin]` inside a SLURM job."""
+    word, _, margin = text.strip().lower().partition("-")
+    if word != "slurm":
+        parse_duration(text)
+        return
+    parse_duration(margin or SLURM_MARGIN)
+    if not os.environ.get("SLURM_JOB_ID"):
+        raise ConfigError("time_budget slurm needs a SLURM job (SLURM_JOB_ID is not set); give a duration instead")
+
+
+def budget_seconds(text: str, age_s: float) -> float:
+    """The budget of --time-budget in seconds from this process's start, `age_s` seconds ago: a duration,
+    or `slurm[-margin]`, this SLURM job's time left now less the margin (ConfigError outside a job)."""
+    word, _, margin = text.strip().lower().partition("-")
+    if word != "slurm":
+        return parse_duration(text)
+    left = slurm_time_left()
+    margin_s = parse_duration(margin or SLURM_MARGIN)
+    if left - margin_s < 1:
+        raise ConfigError(f"time_budget {text!r}: the SLURM job has {left:.0f}s left, not more than the "
+                          f"{margin_s:.0f}s kept for its end; give it a longer --time or a smaller margin (slurm-30s)")
+    return age_s + left - margin_s
+
+
+def slurm_time_left() -> float:
+    """Seconds until this SLURM job's time limit, as squeue reports it (%L: [days-][hours:]minutes:seconds)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    if not job:
+        raise ConfigError("time_budget slurm needs a SLURM job (SLURM_JOB_ID is not set); give a duration instead")
+    try:
+        r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f"time_budget slurm: squeue could not tell job {job}'s time left ({e})") from None
+    left = r.stdout.strip()
+    if r.returncode != 0 or not re.fullmatch(r"(\d+-)?(\d+:){1,2}\d+", left):
+        raise ConfigError(f"time_budget slurm: job {job} has no time limit squeue can tell "
+                          f"({(left or r.stderr.strip())[:80]!r}); give a duration instead")
+    days, _, clock = left.rpartition("-")
+    seconds = sum(int(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":"))))
+    return seconds + 86400 * int(days or 0)
 
 
 def parse_duration(text: str) -> float:

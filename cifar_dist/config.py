@@ -54,9 +54,10 @@ class Config:
     normalize: Literal["dataset", "imagenet"] = setting("dataset", "normalisation statistics: its own or ImageNet's")
     # optimisation
     epochs: int = setting(20, "training epochs")
-    time_budget: str = setting("", "train to a deadline instead (90s, 10m, 1h30m): the epochs that fit this machine, "
-                                   "planned from a measurement of this config's step (plan.json; kept on resume) and "
-                                   "shortened when the pace falls behind; '': --epochs")
+    time_budget: str = setting("", "train to a deadline instead (90s, 10m, 1h30m; slurm: the SLURM job's time left "
+                                   "less a margin, slurm-60s: less 60s): the epochs that fit this machine, from a "
+                                   "measurement of this config's step (plan.json; kept on resume), shortened when the "
+                                   "pace falls behind; '': --epochs")
     batch_size: int = setting(256, "GLOBAL batch size, split over processes and accumulation steps", "identity")
     grad_accum: int = setting(1, "gradient accumulation steps", "identity")
     optimizer: Literal["sgd", "adam", "muon"] = setting(
@@ -170,9 +171,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("--sync-bn with --bn-group: each BatchNorm group lies within one process already, and "
                           "its statistics are the same on any world size; drop --sync-bn")
     if cfg.time_budget:
-        from cifar_dist.budget import parse_duration  # (it builds on this module)
+        from cifar_dist.budget import check_budget  # (it builds on this module)
 
-        parse_duration(cfg.time_budget)
+        check_budget(cfg.time_budget)
     if cfg.cutout > 32:
         raise ConfigError(f"cutout must be at most the image size 32, got {cfg.cutout}")
     try:

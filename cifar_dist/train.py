@@ -211,25 +211,35 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
 
 def plan_budget(cfg: Config, accelerator: Accelerator, out: Path, choices: dict[str, Any], clock: budget.Clock,
                 train_images: int, eval_images: int) -> budget.Plan | None:
-    """--time-budget: the plan kept in the run directory, else a new one from the main process's measurement
-    of this config's training step (its optimizer, precision and micro-batch, on random images), on every
-    rank alike; cfg.epochs becomes the plan's."""
+    """--time-budget: the plan kept in the run directory, else a new one from the main process's budget and
+    measurement, on every rank alike; cfg.epochs becomes the plan's."""
     if not cfg.time_budget:
         return None
-    plan, budget_s = budget.saved(out), budget.parse_duration(cfg.time_budget)
+    plan = budget.saved(out)
     if plan is None:
-        rate = [None]
-        if accelerator.is_main_process:
-            micro = choices["micro_batch"]
-            speed = machine.measure_micro(cfg, [micro], choices["mixed_precision"] == "bf16", accelerator.device,
-                                          lambda model: make_optimizer(cfg, model), seconds=min(2.0, budget_s / 50))
-            rate = [speed[micro] * accelerator.num_processes]
-        images_per_s = broadcast_object_list(rate)[0]
+        measured = main_budget(cfg, accelerator, choices, clock) if accelerator.is_main_process else None
+        budget_s, images_per_s = broadcast_object_list([measured])[0]
+        if isinstance(budget_s, str):  # every rank stops with the main process's line
+            raise ConfigError(budget_s)
         plan = budget.plan_epochs(cfg, budget_s, clock(), images_per_s, train_images, eval_images)
         if accelerator.is_main_process:
             budget.save(out, plan)
     cfg.epochs = plan.epochs
     return plan
+
+
+def main_budget(cfg: Config, accelerator: Accelerator, choices: dict[str, Any],
+                clock: budget.Clock) -> tuple[float | str, float]:
+    """The budget in seconds (slurm: this job's time left, asked once), or the line saying why there is none;
+    and the world's training rate, from this config's own step (its optimizer, precision and micro-batch)."""
+    try:
+        budget_s = budget.budget_seconds(cfg.time_budget, clock())
+    except ConfigError as e:
+        return str(e), 0.0
+    micro = choices["micro_batch"]
+    speed = machine.measure_micro(cfg, [micro], choices["mixed_precision"] == "bf16", accelerator.device,
+                                  lambda model: make_optimizer(cfg, model), seconds=min(2.0, budget_s / 50))
+    return budget_s, speed[micro] * accelerator.num_processes
 
 
 def load_splits(cfg: Config, accelerator: Accelerator) -> tuple[D.Data, D.Split, dict[str, D.Split]]:

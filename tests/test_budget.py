@@ -1,6 +1,8 @@
 """Training to a deadline (--time-budget): the plan, its shortening on a slowed machine, its keeping on
 resume. In this process (what is tested is the run's own clock, not a process's start)."""
 import json
+import os
+import re
 import time
 
 import pytest
@@ -79,7 +81,43 @@ def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, in_process):
     assert summary(out)["epochs_completed"] == plan["epochs"] == len(metrics(out))
 
 
-def test_a_bad_budget_is_one_line(tmp_path, main_in_process):
-    code, err = main_in_process(train.main, [*TINY, "--time-budget", "soon", "--output-dir", str(tmp_path / "o")])
-    assert_one_line_error(code, err, "time_budget 'soon' is not a duration; write e.g. 90s, 10m or 1h30m")
+@pytest.mark.parametrize("budget_arg, slurm, text", [
+    ("soon", {}, "time_budget 'soon' is not a duration; write e.g. 90s, 10m or 1h30m"),
+    ("slurm", {"SLURM_JOB_ID": None}, "time_budget slurm needs a SLURM job (SLURM_JOB_ID is not set)"),
+    ("slurm-soon", {"SLURM_JOB_ID": "7"}, "time_budget 'soon' is not a duration"),
+])
+def test_a_bad_budget_is_one_line(tmp_path, main_in_process, budget_arg, slurm, text):
+    code, err = main_in_process(train.main, [*TINY, "--time-budget", budget_arg, "--output-dir", str(tmp_path / "o")],
+                                **slurm)
+    assert_one_line_error(code, err, text)
     assert not (tmp_path / "o").exists()
+
+
+def fake_squeue(tmp_path, monkeypatch, answer: str, code: int = 0) -> None:
+    """squeue on PATH answering `answer` to `-h -j JOB -o %L` (what the local cluster's test checks for real)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\n[ \"$*\" = \"-h -j 42 -o %L\" ] || exit 9\necho '{answer}'\nexit {code}\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+
+
+@pytest.mark.parametrize("left, seconds", [("45:10", 2710), ("2:03:04", 7384), ("1-00:00:30", 86430)])
+def test_a_slurm_budget_is_the_jobs_time_left_less_the_margin(tmp_path, monkeypatch, left, seconds):
+    fake_squeue(tmp_path, monkeypatch, left)
+    assert budget.slurm_time_left() == seconds
+    margin = budget.parse_duration(budget.SLURM_MARGIN)
+    assert budget.budget_seconds("slurm", age_s=7.0) == 7.0 + seconds - margin  # counted from the process's start
+    assert budget.budget_seconds("slurm-30s", age_s=0.0) == seconds - 30
+
+
+@pytest.mark.parametrize("left, code, text", [
+    ("UNLIMITED", 0, "job 42 has no time limit squeue can tell ('UNLIMITED')"),
+    ("", 1, "job 42 has no time limit squeue can tell"),
+    ("2:00", 0, "the SLURM job has 120s left, not more than the 200s kept for its end"),
+])
+def test_a_slurm_budget_that_cannot_be_had_is_one_line(tmp_path, monkeypatch, left, code, text):
+    fake_squeue(tmp_path, monkeypatch, left, code)
+    with pytest.raises(ConfigError, match=re.escape(text)):
+        budget.budget_seconds("slurm", age_s=0.0)
