@@ -1,1 +1,1 @@
-"""Speed and accuracy benchmarks, run from the repository root as `python -m bench.<script>` (see README)."""
+"""Speed and accuracy benchmarks, run from the repository root as `python -m bench.<script>` (see docs/results.md)."""

@@ -69,7 +69,7 @@ def _reproduce(s: dict[str, Any]) -> list[str]:
             f"{launch} --config {config} --output-dir <a new folder>", "```",
             "On the same machine, world size and thread count the weights come out bit-identical (on GPUs add "
             "`--deterministic`); on another world size, with `--sync-bn`, the same global batches and weights "
-            "within the tolerance the README's \"Elastic and reproducible\" measures."]
+            "within the tolerance docs/distributed.md's \"Elastic and reproducible\" measures."]
 
 
 def _flops(n: float) -> str:

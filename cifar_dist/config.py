@@ -252,7 +252,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description="Train a ResNet on CIFAR-10 (see README).",
+    p = OneLineParser(prog=prog, description="Train a ResNet on CIFAR-10 (see docs/training.md).",
                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml); flags override it")
     for name, (typ, meta) in {**TOP_FIELDS, **MODEL_FIELDS}.items():
@@ -295,7 +295,7 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
 
 
 def flags_markdown() -> str:
-    """The README's table of every train.py flag: `python -m cifar_dist.config`."""
+    """The table of every train.py flag in docs/flags.md: `python -m cifar_dist.config`."""
     defaults = {k: v for k, v in to_dict(Config()).items() if k != "model"}
     rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
     for a in build_parser()._actions:

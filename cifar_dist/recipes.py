@@ -67,7 +67,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                       whiten_bias_lr="linear", normalize="dataset"),
     # airbench96's training: as `fast-sgd` with lr 9.0 and weight decay 0.012 per 1024 (so the same decay per
     # unit of lr), 31 epochs, warm-up 10 % from 0.2 then linear decay to 0, 4-pixel reflect translations,
-    # 12-pixel cutout. Its 96.0 % was measured over 400 runs on an A100; ours needs a GPU (see README).
+    # 12-pixel cutout. Its 96.0 % was measured over 400 runs on an A100; ours needs a GPU (see docs/results.md).
     "best": dict(optimizer="sgd", batch_size=1024, epochs=31, lr=9.0 / (1 + 1 / 0.15), momentum=0.85,
                  nesterov=True, weight_decay=0.012 / 9.0, decay_all=True, norm_lr_scale=64.0, label_smoothing=0.2,
                  schedule="onecycle", warmup=0.1, lr_start=0.2, lr_end=0.0, crop_padding=4, crop_mode="reflect",

@@ -48,14 +48,3 @@ def test_unknown_key_in_file(tmp_path):
     (tmp_path / "c.yaml").write_text("learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
         resolve(["--config", str(tmp_path / "c.yaml")])
-
-
-def test_readme_documents_every_flag():
-    from pathlib import Path
-
-    from cifar_dist.config import build_parser
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    flags = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and a.dest != "help"]
-    missing = [f for f in flags if f"`{f}`" not in readme]
-    assert not missing, f"README lacks {missing}"

@@ -1,4 +1,4 @@
-"""Ray Tune search over ResNet shape and training settings (see README): the command users type.
+"""Ray Tune search over ResNet shape and training settings (see docs/search.md): the command users type.
 
     python tune/search.py --space tune/space.yaml --num-samples 8 --max-epochs 10
 

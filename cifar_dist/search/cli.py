@@ -1,4 +1,4 @@
-"""Ray Tune search over ResNet shape and training settings: `python tune/search.py ...` (see README).
+"""Ray Tune search over ResNet shape and training settings: `python tune/search.py ...` (see docs/search.md).
 
 Every trial calls the same `cifar_dist.train.train` as `accelerate launch cifar_dist/train.py`, ranks on
 a validation split carved out of the training set (never the test set), reports each epoch (metrics and

@@ -1,0 +1,103 @@
+"""The README and the docs site: built strictly, the flags page generated, and every command they show
+either run (the quick start on generated data) or, where it needs real data, a GPU or a cluster, parsed
+by the program it calls, so a renamed flag fails here."""
+import re
+import shlex
+import shutil
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, env, run
+
+pytestmark = pytest.mark.timeout(300)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def commands() -> list[tuple[str, str]]:
+    """(page, command) for every line of every ```bash block (continuations joined, comments dropped)."""
+    found = []
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if line and not line.startswith("#"):
+                    found.append((page.name, line))
+    return found
+
+
+def train_args(command: str) -> list[str] | None:
+    """The train.py flags of a command that trains (accelerate launch, python -m, sbatch, the launcher)."""
+    words = shlex.split(command.split("&&")[0])
+    while words and "=" in words[0]:  # VAR=value before the command
+        words = words[1:]
+    for script in ("cifar_dist/train.py", "cifar_dist.train", "slurm/train.sh"):
+        if script in words:
+            return words[words.index(script) + 1:]
+    if words[:3] == ["python", "-m", "launcher"] and "--" in words:
+        return words[words.index("--") + 1:]
+    return None
+
+
+def test_the_docs_site_builds_strictly_and_a_broken_anchor_fails_it(tmp_path):
+    built = run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")], 120, cwd=ROOT,
+                env=env())
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (tmp_path / "site" / "flags.html").is_file() and (tmp_path / "site" / "results" / "search-pbt.png").is_file()
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "docs", copy / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", copy)
+    page = copy / "docs" / "training.md"
+    page.write_text(page.read_text() + "\nSee [the flags](flags.md#no-such-section).\n")
+    broken = run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "s2")], 120, cwd=copy,
+                 env=env())
+    assert broken.returncode != 0 and "no-such-section" in broken.stderr
+
+
+def test_the_flags_page_is_the_config_and_the_readme_a_front_page():
+    from cifar_dist.config import flags_markdown
+
+    assert flags_markdown() in (ROOT / "docs" / "flags.md").read_text()  # `python -m cifar_dist.config` writes it
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_every_training_and_search_command_shown_parses(monkeypatch):
+    from cifar_dist.config import resolve
+    from cifar_dist.search.cli import check_args, parse_args
+
+    monkeypatch.setenv("SLURM_JOB_ID", "1")  # `--time-budget slurm` is checked as inside a job
+    shown = commands()
+    trains = [(page, c, args) for page, c in shown if (args := train_args(c)) is not None]
+    searches = [(page, c) for page, c in shown if c.startswith("python tune/search.py")]
+    assert len(trains) >= 10 and len(searches) >= 3  # what the pages show today, at least
+    for page, command, args in trains:
+        try:
+            resolve(args)
+        except SystemExit:
+            pytest.fail(f"{page}: {command}")
+    for page, command in searches:
+        try:
+            check_args(parse_args(shlex.split(command)[2:]))
+        except SystemExit:
+            pytest.fail(f"{page}: {command}")
+
+
+def test_the_readme_quick_start_trains_and_predicts_as_shown(tmp_path):
+    """The README's train command on generated data, through the real `accelerate launch`, then its
+    predict command on two photos of the user's."""
+    shown = dict((c.split()[2], c) for page, c in commands() if page == "README.md" and "synthetic" in c
+                 or page == "README.md" and c.startswith("python -m cifar_dist.predict"))
+    train, predict = shown["cifar_dist/train.py"], shown["cifar_dist.predict"]
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(tmp_path / "my_cat.jpg")
+    (tmp_path / "holiday_photos").mkdir()
+    Image.new("RGB", (40, 40), (20, 60, 200)).save(tmp_path / "holiday_photos" / "sea.png")
+    words = shlex.split(train)
+    words[words.index("cifar_dist/train.py")] = str(ROOT / "cifar_dist" / "train.py")
+    trained = run(words, 240, cwd=tmp_path, env=env(ACCELERATE_USE_CPU="1"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "epoch   2/2 |" in trained.stdout and (tmp_path / "runs" / "try" / "model.pt").is_file()
+    predicted = run([sys.executable, *shlex.split(predict)[1:]], 120, cwd=tmp_path, env=env())
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    lines = predicted.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("holiday_photos/sea.png") is not lines[1].startswith("holiday")
