@@ -34,7 +34,7 @@ def _data(s: dict[str, Any]) -> list[str]:
     return ["## Data", "",
             f"- {cfg['dataset']}: {images['train']:,} training images{subset}{held}; "
             f"{images.get('test', 0):,} test images" + ("" if "test" in images else " (not evaluated)"),
-            f"- classes: {', '.join(s['classes'])}"]
+            f"- classes: {', '.join(s['classes'])}"] + ([f"- {s['data_note']}"] if s.get("data_note") else [])
 
 
 def _results(s: dict[str, Any]) -> list[str]:

@@ -36,11 +36,16 @@ class Config:
                           choices=tuple(RECIPES))
     model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "the architecture", "role": "identity"})
     # data
-    dataset: Literal["cifar10", "cifar100", "synthetic"] = setting(
-        "cifar10", "CIFAR-10 or CIFAR-100 (fine labels) from --data-dir, or a generated set for smoke runs; the "
-                   "model gets the dataset's number of classes unless --num-classes says otherwise", "identity")
-    data_dir: str = setting("", "the dataset's folder (binary or python layout); default $CIFAR10_DIR (CIFAR-100: "
-                                "$CIFAR100_DIR), then ./data", "machine")
+    dataset: Literal["cifar10", "cifar100", "folder", "synthetic"] = setting(
+        "cifar10", "CIFAR-10 or CIFAR-100 (fine labels) from --data-dir, a folder of your own pictures (one folder "
+                   "per class), or a generated set for smoke runs; the model gets the dataset's number of classes "
+                   "unless --num-classes says otherwise", "identity")
+    data_dir: str = setting("", "the dataset's folder (CIFAR: binary or python layout; default $CIFAR10_DIR, "
+                                "CIFAR-100: $CIFAR100_DIR, then ./data; folder: given)", "machine")
+    test_fraction: float = setting(0.2, "folder without a test/ (or val/) folder: the test pictures of each class, "
+                                        "drawn by --seed", "identity")
+    skip_bad_images: bool = setting(False, "folder: leave out a picture that cannot be read (counted in the start "
+                                           "line) instead of stopping at it", "identity")
     download: bool = setting(False, "download the dataset into --data-dir with torchvision if missing", "machine")
     train_subset: int = setting(0, "use only the first N training images (0: all)", "identity")
     test_subset: int = setting(0, "use only the first N test images (0: all)")
@@ -126,6 +131,16 @@ class Config:
                                             "every tenth of an epoch, at most one per N seconds", "record")
 
 
+def folder_classes(data_dir: str) -> int:
+    """The number of class folders of --dataset folder (what its model is built for by default)."""
+    from cifar_dist import folders
+
+    try:
+        return len(folders.class_names(folders.layout(Path(data_dir).expanduser())[0]))
+    except folders.FolderError as e:
+        raise ConfigError(str(e)) from None
+
+
 MICRO_WORDS = ("auto", "whole")  # --micro-batch's words; else a number
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}  # what a model is built for by default
 
@@ -174,6 +189,8 @@ def check_config(cfg: Config) -> None:
         from cifar_dist.budget import check_budget  # (it builds on this module)
 
         check_budget(cfg.time_budget)
+    if not 0 < cfg.test_fraction < 1:
+        raise ConfigError(f"test_fraction must be between 0 and 1, got {cfg.test_fraction}")
     if cfg.cutout > 32:
         raise ConfigError(f"cutout must be at most the image size 32, got {cfg.cutout}")
     try:
@@ -288,8 +305,10 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
     for values, source in layers:
         _apply(cfg, values, source)
     given = {k.replace("-", "_") for values, _ in layers for k in [*values, *(values.get("model") or {})]}
+    if cfg.dataset == "folder" and not cfg.data_dir:
+        raise ConfigError("--dataset folder needs --data-dir: the folder of your pictures, one folder per class")
     if "num_classes" not in given:
-        cfg.model.num_classes = DATASET_CLASSES[cfg.dataset] if cfg.dataset in DATASET_CLASSES else 10
+        cfg.model.num_classes = DATASET_CLASSES.get(cfg.dataset) or folder_classes(cfg.data_dir)
     check_config(cfg)
     return cfg
 

@@ -54,6 +54,7 @@ class Data:
     classes: list[str]
     mean: tuple[float, ...]  # per channel, in [0, 1]
     std: tuple[float, ...]
+    note: str = ""  # where the images came from, when that is not a file layout of CIFAR's (a folder)
 
 
 # --- reading files ------------------------------------------------------------------------------
@@ -277,8 +278,11 @@ def load_files(dataset: str, root: Path, download_if_missing: bool) -> tuple[Spl
 
 def load_data(cfg: Config) -> Data:
     """The Data a Config asks for: dataset, subsets, validation hold-out, normalisation."""
+    note = ""
     if cfg.dataset == "synthetic":
         train, test, classes = synthetic()
+    elif cfg.dataset == "folder":
+        train, test, classes, note = load_folder(cfg)
     else:
         train, test, classes = load_files(cfg.dataset, data_root(cfg.data_dir, cfg.dataset), cfg.download)
     val = None
@@ -292,7 +296,20 @@ def load_data(cfg: Config) -> Data:
     if cfg.test_subset:
         test = test.take(torch.arange(min(cfg.test_subset, len(test))))
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else channel_stats(train.images)
-    return Data(train, test, val, classes, mean, std)
+    return Data(train, test, val, classes, mean, std, note)
+
+
+def load_folder(cfg: Config) -> tuple[Split, Split, list[str], str]:
+    """--dataset folder: the user's pictures, decoded once into the cache folder (cifar_dist.folders)."""
+    from cifar_dist import folders
+    from cifar_dist.machine import cache_path
+
+    try:
+        (x, y), (tx, ty), classes, note = folders.load(Path(cfg.data_dir).expanduser(), cfg.test_fraction, cfg.seed,
+                                                       cfg.skip_bad_images, cache_path().parent / "folders")
+    except folders.FolderError as e:
+        raise DataError(str(e)) from None
+    return Split(x, y), Split(tx, ty), classes, note
 
 
 # --- batches on the device -----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     python -m cifar_dist.predict RUN_DIR IMAGE_OR_FOLDER... [--top-k 3] [--onnx] [--json]
 
-Any PNG or JPEG of any size; a folder is searched recursively. Each image is scaled (its shorter side to
+Any PNG, JPEG, WebP or BMP of any size; a folder is searched recursively. Each image is scaled (its shorter side to
 32 pixels, Lanczos) and centre-cropped to 32x32, as CIFAR's photos were made; the run's own normalisation
 and test-time augmentation are applied, with `model.pt` on the best device at hand or, with --onnx, the
 exported `model.onnx` through onnxruntime. One line per image (path, then the top-k classes with their
@@ -15,15 +15,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from cifar_dist import folders
 from cifar_dist.config import ConfigError, OneLineParser
 from cifar_dist.evaluate import predict
 from cifar_dist.export import load_run
 
 PROG = "cifar_dist.predict"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+PICTURES = ", ".join(folders.SUFFIXES)
 BATCH = 256
 
 
@@ -32,40 +32,24 @@ def image_paths(paths: list[Path]) -> list[Path]:
     found = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in folders.SUFFIXES)
         elif not path.exists():
             raise ConfigError(f"{path} does not exist")
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ConfigError(f"{path} is not a PNG or JPEG image")
+        elif path.suffix.lower() not in folders.SUFFIXES:
+            raise ConfigError(f"{path} is not a picture ({PICTURES})")
         else:
             found.append(path)
     if not found:
-        raise ConfigError(f"no PNG or JPEG images in {', '.join(map(str, paths))}")
+        raise ConfigError(f"no pictures ({PICTURES}) in {', '.join(map(str, paths))}")
     return found
 
 
 def load_image(path: Path) -> torch.Tensor:
-    """(3, 32, 32) floats in [0, 1]: upright (EXIF), transparency on white, the shorter side scaled to 32,
-    the centre cropped."""
-    from PIL import Image, ImageOps
-
+    """(3, 32, 32) floats in [0, 1], prepared as a folder dataset's pictures are (cifar_dist.folders.decode)."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # a phone photo the way up it was shot
-            if image.mode in ("RGBA", "LA", "P"):  # transparency on white, not on whatever colour is under it
-                image = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-            image = image.convert("RGB")  # decodes the whole file: a truncated one fails here
-    except Exception as e:  # PIL raises many kinds for a bad file
-        raise ConfigError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:80]})") from None
-    w, h = image.size
-    if (w, h) != (32, 32):
-        scale = 32 / min(w, h)
-        image = image.resize((max(32, round(w * scale)), max(32, round(h * scale))), Image.Resampling.LANCZOS)
-        w, h = image.size
-        left, top = (w - 32) // 2, (h - 32) // 2
-        image = image.crop((left, top, left + 32, top + 32))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+        return torch.from_numpy(folders.decode(path)).permute(2, 0, 1).float() / 255
+    except folders.FolderError as e:
+        raise ConfigError(str(e)) from None
 
 
 def classifier(run: Path, onnx: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, list[str]]:
@@ -88,7 +72,7 @@ def classifier(run: Path, onnx: bool) -> tuple[Callable[[torch.Tensor], torch.Te
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a finished run's output directory")
-    p.add_argument("images", type=Path, nargs="+", help="PNG or JPEG files, or folders of them")
+    p.add_argument("images", type=Path, nargs="+", help=f"pictures ({PICTURES}), or folders of them")
     p.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     p.add_argument("--onnx", action="store_true", help="use model.onnx through onnxruntime (after cifar_dist.export)")
     p.add_argument("--json", action="store_true", help="one JSON object per image, for scripts")

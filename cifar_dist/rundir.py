@@ -114,6 +114,14 @@ def hold(out: Path, accelerator: Accelerator) -> IO[str] | None:
     return handle
 
 
+def discard_unused(out: Path, accelerator: Accelerator) -> None:
+    """A run directory this run made and then refused (bad data, found only once it was read): removed
+    while nothing but the lock is in it, so a refusal leaves nothing behind."""
+    if accelerator.is_main_process and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK}:
+        (out / LOCK).unlink(missing_ok=True)
+        out.rmdir()
+
+
 def take_lock(out: Path) -> tuple[IO[str] | None, str | None]:
     """(the held lock file, None), or (None, why not): a live process holds it, or the file system gives
     no lock (an NFS mount without locking, a read-only folder)."""

@@ -43,6 +43,7 @@ from cifar_dist.rundir import (
     TrainState,
     WriteError,
     checkpoints,
+    discard_unused,
     elastic_restarts,
     finished_summary,
     hold,
@@ -117,8 +118,10 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
     trackers = tracking.parse(cfg.tracker)
     accelerator, choices = make_accelerator(cfg, trackers, deepspeed_plugin)
     preemption, failed, lock = None, True, None
+    out, made = None, False
     try:  # one teardown for every way out: the end, a preemption stop, an error
         out = output_dir(cfg, accelerator)
+        made = not out.exists()
         lock = hold(out, accelerator)  # refused while another run uses the directory
         if cfg.time_budget and (kept := budget.saved(out)) is not None:
             cfg.epochs = kept.epochs  # a budgeted run's plan holds on resume
@@ -132,6 +135,10 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
             done = run_epochs(run, preemption, on_epoch)
         failed = False
         return done
+    except (ConfigError, D.DataError):
+        if made and out is not None:
+            discard_unused(out, accelerator)
+        raise
     finally:
         teardown(accelerator, preemption, failed)
         if lock is not None:
@@ -308,6 +315,8 @@ def start_records(run: Run) -> None:
                      f"{len(run.train_set):,} train / {len(run.evals[run.main]):,} {run.main} images; "
                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}{threads(run)}; "
                      f"output {out}")
+    if run.data.note:
+        say(accelerator, run.data.note)
     say(accelerator, precision_line(run))
     say(accelerator, micro_batch_line(run))
     if run.plan is not None:
@@ -548,8 +557,8 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
     """summary.json: the config, final and best accuracy per split, FLOPs, the machine and the world."""
     cfg, accelerator, history = run.cfg, run.accelerator, run.state.history
     summary: dict[str, Any] = dict(preset=cfg.preset, recipe=cfg.recipe, config=to_dict(cfg), main_split=run.main,
-                                   classes=run.data.classes, images=dict(train=len(run.train_set),
-                                                                         **{n: len(s) for n, s in run.evals.items()}))
+                                   classes=run.data.classes, data_note=run.data.note,
+                                   images=dict(train=len(run.train_set), **{n: len(s) for n, s in run.evals.items()}))
     for name in run.evals:
         summary[f"{name}_acc"] = history[-1][f"{name}_acc"]
         summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in history if f"{name}_acc" in m)

@@ -62,11 +62,15 @@ def test_the_flags_page_is_the_config_and_the_readme_a_front_page():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
 
 
-def test_every_training_and_search_command_shown_parses(monkeypatch):
-    from cifar_dist.config import resolve
+def test_every_training_and_search_command_shown_parses(monkeypatch, tmp_path):
+    from cifar_dist.config import ConfigError, resolve
     from cifar_dist.search.cli import check_args, parse_args
 
     monkeypatch.setenv("SLURM_JOB_ID", "1")  # `--time-budget slurm` is checked as inside a job
+    monkeypatch.chdir(tmp_path)  # where the pages' folder of pictures is
+    for name in ("cat", "dog"):
+        (tmp_path / "my_photos" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "my_photos" / name / "1.png")
     shown = commands()
     trains = [(page, c, args) for page, c in shown if (args := train_args(c)) is not None]
     searches = [(page, c) for page, c in shown if c.startswith("python tune/search.py")]
@@ -74,8 +78,8 @@ def test_every_training_and_search_command_shown_parses(monkeypatch):
     for page, command, args in trains:
         try:
             resolve(args)
-        except SystemExit:
-            pytest.fail(f"{page}: {command}")
+        except (SystemExit, ConfigError) as e:
+            pytest.fail(f"{page}: {command}: {e}")
     for page, command in searches:
         try:
             check_args(parse_args(shlex.split(command)[2:]))

@@ -78,7 +78,7 @@ def test_any_size_is_scaled_and_centre_cropped_like_a_cifar_photo(tmp_path):
 
 
 @pytest.mark.parametrize("case, text", [
-    ("text file", "notes.txt is not a PNG or JPEG image"),
+    ("text file", "notes.txt is not a picture (.png, .jpg, .jpeg, .webp, .bmp)"),
     ("truncated", "broken.png is not a readable image"),
     ("no model", "model.pt is missing"),
     ("no onnx", "export it with `python -m cifar_dist.export"),

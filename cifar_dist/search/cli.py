@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cifar_dist import tracking
+from cifar_dist import folders, tracking
 from cifar_dist.backends import BACKENDS, is_deepspeed
 from cifar_dist.config import TOP_FIELDS, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
@@ -95,6 +95,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.val_size <= 0:
         raise SearchError("--val-size must be positive: trials are ranked on the validation split")
     n_train = SYNTHETIC_SIZES[0] if args.dataset == "synthetic" else PER_FILE * len(TRAIN_FILES)
+    if args.dataset == "folder":
+        n_train = folder_pictures(args.data_dir)
     if args.val_size >= n_train:
         raise SearchError(f"--val-size {args.val_size} leaves no training images: the {args.dataset} training set "
                           f"has {n_train}")
@@ -111,6 +113,17 @@ def check_args(args: argparse.Namespace) -> None:
         if args.max_concurrent:  # Tune would not start the rest before the first ones finished
             raise SearchError(f"--max-concurrent does not go with --scheduler {args.scheduler}: the population "
                               "trains together (trials take turns when the cluster is smaller)")
+
+
+def folder_pictures(data_dir: str) -> int:
+    """The training pictures of --dataset folder (before its test split), or one line why there are none."""
+    if not data_dir:
+        raise SearchError("--dataset folder needs --data-dir: the folder of your pictures, one folder per class")
+    try:
+        train_dir = folders.layout(Path(data_dir).expanduser())[0]
+        return len(folders.listing(train_dir, folders.class_names(train_dir)))
+    except folders.FolderError as e:
+        raise SearchError(str(e)) from None
 
 
 def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
