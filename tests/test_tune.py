@@ -126,14 +126,18 @@ def test_interrupted_pbt_search_resumes_the_population_and_keeps_its_exploits(tm
 
 @pytest.mark.xdist_group("ray-b")
 def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_path):
+    """And --trial-budget: the trial that trains plans its own epochs to the budget and completes them."""
     out = tmp_path / "s"
     # batch 5000 > the 1,700 training images: that trial raises every time it starts
     r = search(["--space", space(tmp_path, batch_size={"grid": [100, 5000]}, lr=0.05), "--num-samples", "1",
-                "--max-epochs", "1", "--max-failures", "1", "--output-dir", str(out)], tmp_path)
+                "--trial-budget", "12s", "--max-failures", "1", "--output-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     by_batch = {row["batch_size"]: row for row in rows(out)}
     assert by_batch["5000"]["status"] == "failed" and "larger than the training set" in by_batch["5000"]["error"]
-    assert by_batch["100"]["status"] == "completed"
+    assert by_batch["100"]["status"] == "completed" and "a 12s budget each" in r.stdout
+    plan = summary(out / "trials" / by_batch["100"]["trial"])["time_budget"]
+    assert plan["budget_s"] == 12 and int(by_batch["100"]["epochs"]) == plan["epochs"] >= 1  # its own plan, ended
+    assert plan["used_s"] <= 12 * 1.05
     failed = next(p.name.removesuffix(".events.jsonl") for p in (out / "trials").glob("*.events.jsonl")
                   if p.name.removesuffix(".events.jsonl").endswith("00001"))
     assert [e["event"] for e in journal(out, failed)] == ["start", "start"]  # tried, then retried once
@@ -282,6 +286,9 @@ def rows_of(path):
     ({"mutate": {"lr": {"loguniform": [0.01, 0.1]}}}, ["--scheduler", "pbt", "--num-samples", "2",
                                                         "--quantile-fraction", "0.7"],
      "--quantile-fraction must be in (0, 0.5], got 0.7"),
+    ({}, ["--trial-budget", "soon"], "--trial-budget 'soon' is not a duration"),
+    ({"mutate": {"lr": {"loguniform": [0.01, 0.1]}}}, ["--scheduler", "pbt", "--num-samples", "2", "--trial-budget",
+                                                        "1m"], "--trial-budget does not go with --scheduler pbt"),
 ])
 def test_bad_input_one_line_before_any_trial(tmp_path, main_in_process, entries, extra, text):
     """Checked in this process: every one fails before Ray starts (nothing here may start it)."""

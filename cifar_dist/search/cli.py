@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from cifar_dist import folders, tracking
+from cifar_dist import budget, folders, tracking
 from cifar_dist.backends import BACKENDS, is_deepspeed
-from cifar_dist.config import TOP_FIELDS, OneLineParser
+from cifar_dist.config import TOP_FIELDS, ConfigError, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
 from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
@@ -35,6 +35,7 @@ from cifar_dist.search.trial import run_trial
 from cifar_dist.settings import allowed, describe
 
 PROG = "tune/search.py"
+BUDGETED_MAX_T = 10_000  # ASHA's last rung under --trial-budget: past any plan, so no trial is cut short by it
 WAITING_CPU = 0.1  # what a Ray Train trial's own function takes: it only waits on its workers
 SPACE = Path(__file__).resolve().parents[2] / "tune" / "space.yaml"
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--space", type=Path, default=SPACE, help="search space YAML (default: tune/space.yaml)")
     a("--num-samples", type=int, default=8, help="configurations to sample (x each grid point)")
     a("--max-epochs", type=int, default=10, help="epochs of a trial that is never stopped")
+    a("--trial-budget", default="", help="instead of --max-epochs, every trial trains to this deadline (90s, 10m): "
+      "the epochs that fit this machine, so architectures are compared at equal cost (ASHA)")
     a("--scheduler", default="asha", choices=SCHEDULERS, help="asha: stop weak trials early; pbt/pb2: population-"
       "based training, weak trials copy strong ones and change the space's mutate: settings (pb2: pip install "
       "'.[pb2]')")
@@ -100,7 +103,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.val_size >= n_train:
         raise SearchError(f"--val-size {args.val_size} leaves no training images: the {args.dataset} training set "
                           f"has {n_train}")
-    if args.grace_period > args.max_epochs:
+    if args.trial_budget:
+        try:
+            budget.check_budget(args.trial_budget)
+        except ConfigError as e:
+            raise SearchError(str(e).replace("time_budget", "--trial-budget")) from None
+        if args.scheduler in POPULATION:
+            raise SearchError(f"--trial-budget does not go with --scheduler {args.scheduler}: a population trains in "
+                              "step, epoch by epoch; use --max-epochs")
+    elif args.grace_period > args.max_epochs:
         raise SearchError(f"--grace-period {args.grace_period} exceeds --max-epochs {args.max_epochs}")
     if args.scheduler in POPULATION:
         if not 1 <= args.perturbation_interval < args.max_epochs:
@@ -131,7 +142,8 @@ def base_overrides(args: argparse.Namespace, name: str) -> dict[str, Any]:
     absolute: Ray runs each trial in a working directory of its own."""
     data_dir = str(data_root(args.data_dir, args.dataset).resolve()) if args.dataset != "synthetic" else args.data_dir
     return dict(dataset=args.dataset, data_dir=data_dir, train_subset=args.train_subset, val_size=args.val_size,
-                eval_test=False, eval_every=1, epochs=args.max_epochs, seed=args.seed, keep_checkpoints=1,
+                eval_test=False, eval_every=1, epochs=args.max_epochs, time_budget=args.trial_budget, seed=args.seed,
+                keep_checkpoints=1,
                 mixed_precision=args.mixed_precision, tracker=args.tracker, group=name,
                 cpu_threads=max(1, int(args.cpus_per_trial)))  # the CPUs Ray reserved for each process
 
@@ -260,11 +272,12 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), verbose=0,
                                 # before the scheduler: PBT never copies a finished trial
-                                stop={"epoch": args.max_epochs})
+                                stop=None if args.trial_budget else {"epoch": args.max_epochs})
     if args.resume:
         return tune.Tuner.restore(str(search_dir.resolve()), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
-    scheduler = make_scheduler(args.scheduler, args.max_epochs, mutations, args.grace_period, args.reduction_factor,
+    max_t = BUDGETED_MAX_T if args.trial_budget else args.max_epochs  # a budgeted trial ends by its own plan
+    scheduler = make_scheduler(args.scheduler, max_t, mutations, args.grace_period, args.reduction_factor,
                                args.perturbation_interval, args.quantile_fraction)
     random.seed(args.seed)  # PBT's and PB2's choices (which donor, which perturbation) are drawn here
     np.random.seed(args.seed)  # PB2's too
@@ -317,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(args.space, search_dir / "space.yaml")
     how = (f"{args.scheduler.upper()} every {args.perturbation_interval} epochs, mutating {', '.join(mutations)}"
            if pbt else f"ASHA grace {args.grace_period}")
-    print(f"search {name}: {args.num_samples} samples x {args.max_epochs} epochs, {how}; "
+    length = f"a {args.trial_budget} budget each" if args.trial_budget else f"{args.max_epochs} epochs"
+    print(f"search {name}: {args.num_samples} samples x {length}, {how}; "
           f"ranking on {args.val_size} validation images; results in {search_dir}", flush=True)
     grid = make_tuner(args, space, mutations, base, search_dir).fit()
     rows = trial_rows(grid, args.max_epochs, base, pbt)

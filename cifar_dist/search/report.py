@@ -35,7 +35,8 @@ def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any], population: boo
         m, params = r.metrics or {}, dict(sorted(r.config.items()))
         trial = trial_id(r)
         epochs = int(m.get("epoch", 0))
-        status = "failed" if r.error else ("completed" if epochs >= max_epochs else "stopped early")
+        planned = int(m.get("planned_epochs", max_epochs))  # a trial's own plan under --trial-budget
+        status = "failed" if r.error else ("completed" if epochs >= planned else "stopped early")
         rows.append(dict(trial=trial, status=status, val_acc=m.get("val_acc"), best_val_acc=best_acc.get(trial),
                          epochs=epochs, params=parameters(params, base),
                          **({"exploits": int(m.get("exploits", 0))} if population else {}),

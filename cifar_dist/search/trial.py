@@ -204,7 +204,7 @@ def train_and_report(config: dict[str, Any]) -> None:
             last.append((metrics, checkpoint_dir))
             return
         result = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        result.update(params=params, exploits=config["exploits"])
+        result.update(params=params, exploits=config["exploits"], planned_epochs=cfg.epochs)  # (a budget plans them)
         if rank0:
             origin = dict(trial=trial_id, epoch=metrics["epoch"], exploits=config["exploits"], params=config["params"])
             (checkpoint_dir.parent / ORIGIN).write_text(json.dumps(origin, default=plain))
