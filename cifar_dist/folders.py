@@ -90,7 +90,10 @@ def listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if unknown := [name for name in present if name not in classes]:
         raise FolderError(f"{folder / unknown[0]} is a class the training pictures do not have")
-    return [(path, classes.index(name)) for name in present for path in pictures(folder / name)]
+    found = [(path, classes.index(name)) for name in present for path in pictures(folder / name)]
+    # in the order of the file names across classes: pictures named by their index (CIFAR written out as
+    # folders: bench/folders.py) keep their original order, and with it a run's data order
+    return sorted(found, key=lambda item: (str(item[0].relative_to(folder / classes[item[1]])), item[1]))
 
 
 def cache_key(files: list[tuple[Path, int]]) -> str:

@@ -42,6 +42,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tutorial": dict(optimizer="adam", lr=1e-3, batch_size=100, epochs=20, crop_padding=0, flip="none",
                      normalize="imagenet", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
                      warmup=0.0, tta="none"),
+    # The tutorial's networks trained right (`--preset seed3 --recipe seed`): they underfit (20 epochs of the
+    # default recipe end at 90 % training accuracy, 88.8 % test on seed3), so this recipe takes more steps
+    # (batch 128, lr scaled to 0.1), milder translations (2 px, reflected) and half the weight decay, and
+    # gains what costs no training: alternating flips, the lookahead EMA and 6-view TTA.
+    "seed": dict(batch_size=128, lr=0.1, weight_decay=5e-4, crop_padding=2, crop_mode="reflect", flip="alternate",
+                 lookahead=True, tta="flip-translate"),
     # airbench94's training (Jordan 2024), `fast`'s recipe until the Muon one below measured better: batch
     # 1024, Nesterov SGD momentum 0.85, lr 1.5 per mean loss (11.5 per 1024 summed), the same weight decay
     # per step on every parameter, BatchNorm lr x64,

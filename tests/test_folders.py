@@ -59,7 +59,7 @@ def test_train_beside_val_uses_val_as_the_test_set_and_prepares_pictures_as_pred
     cached = tmp_path / "cache"
     files = folders.listing(root / "val", ["cat", "dog", "fish"])
     images, labels, _, hit = folders.read(files, cached, False, "val")
-    assert not hit and labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert not hit and labels.tolist() == [0, 1, 2] * 4  # in the order of the file names, then the class
     for k in (0, 4, 7):  # a picture's pixels are predict's, whatever its format or mode
         assert torch.equal(images[k].float() / 255, load_image(files[k][0]))
 
@@ -137,3 +137,20 @@ def test_a_search_takes_a_folder_and_checks_it_before_any_trial(tmp_path):
         check_args(parse_args(["--dataset", "folder", "--data-dir", str(root), "--val-size", "45"]))
     with pytest.raises(SearchError, match=r"has a single class folder \(pics\)"):
         check_args(parse_args(["--dataset", "folder", "--data-dir", str(tmp_path), "--val-size", "9"]))
+
+
+def test_cifar_written_as_folders_reads_back_as_the_binary_files_in_their_order(tmp_path):
+    """bench/folders.py's writer: the official order in the names, so pixels, labels and order are equal."""
+    from bench.folders import write_folders
+    from cifar_dist.data import load_cifar10
+
+    from conftest import write_bin
+
+    write_bin(tmp_path / "cifar" / "cifar-10-batches-bin", n=60)
+    train, test, classes = load_cifar10(tmp_path / "cifar", records=60)
+    write_folders(train, classes, tmp_path / "png" / "train")
+    write_folders(test, classes, tmp_path / "png" / "test")
+    (x, y), (tx, ty), names, note = folders.load(tmp_path / "png", 0.2, 0, False, tmp_path / "cache")
+    assert names == classes and "test/ as the test set" in note
+    assert torch.equal(x, train.images) and torch.equal(y, train.labels)
+    assert torch.equal(tx, test.images) and torch.equal(ty, test.labels)
