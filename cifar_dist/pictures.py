@@ -154,9 +154,12 @@ def curves_figure(history: list[dict]) -> np.ndarray:
     final = "test" if last and "test_acc" in last else "val"
     title = f"accuracy (last {final} {100 * last[f'{final}_acc']:.2f}%)" if last else "accuracy"
     ax2.set(xlabel="epoch", ylabel="accuracy (%)", title=title)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.2
     fig.tight_layout()
     array = figure_to_array(fig)
     plt.close(fig)

@@ -39,6 +39,10 @@ def image_paths(paths: list[Path]) -> list[Path]:
             raise ConfigError(f"{path} is not a picture ({PICTURES})")
         else:
             found.append(path)
+    once: dict[Path, Path] = {}  # a picture named alone and inside a folder given too: answered once
+    for path in found:
+        once.setdefault(path.resolve(), path)
+    found = list(once.values())
     if not found:
         raise ConfigError(f"no pictures ({PICTURES}) in {', '.join(map(str, paths))}")
     return found

@@ -306,15 +306,14 @@ def start_records(run: Run) -> None:
         return
     write_metrics(out, run.state.history)
     table = summarize(unwrap(accelerator, run.model))
-    (out / "model_summary.txt").write_text(table + "\n")
-    say(accelerator, table)
+    (out / "model_summary.txt").write_text(table + "\n")  # the layer table: there, not in every log
     samples = run.first_images(16)
     grid = pictures.sample_grid(samples.images, samples.labels, run.data.classes)
     pictures.publish(accelerator, run.trackers, {"samples": grid}, out, run.state.step)
     say(accelerator, f"{cfg.preset}: {run.size[0]:,} parameters, {run.size[1] / 2**20:.2f} MB; "
                      f"{len(run.train_set):,} train / {len(run.evals[run.main]):,} {run.main} images; "
                      f"{accelerator.num_processes} process(es) on {accelerator.device.type}{threads(run)}; "
-                     f"output {out}")
+                     f"output {out} (layers: model_summary.txt)")
     if run.data.note:
         say(accelerator, run.data.note)
     say(accelerator, precision_line(run))

@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--data-dir", default="", help=setting_help("data_dir"))
     a("--train-subset", type=int, default=0, help="train on the first N images (0: all)")
     a("--test-subset", type=int, default=0, help="test images for --retrain-best (0: all)")
-    a("--val-size", type=int, default=5000, help="validation images held out of the training set (ranking)")
+    a("--val-size", type=int, default=None, help="validation images held out of the training set, on which trials "
+      "are ranked (default: a tenth of it, at most 5,000)")
     a("--cpus-per-trial", type=float, default=1, help="CPUs per trial (per worker with --workers-per-trial)")
     a("--gpus-per-trial", type=float, default=0, help="GPUs per trial; fractions share a GPU (0.5: two trials)")
     a("--workers-per-trial", type=int, default=1, help="each trial an N-process DDP job (Ray Train)")
@@ -95,11 +96,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise SearchError(f"--reduction-factor must be >= 2, got {args.reduction_factor}")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise SearchError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
-    if args.val_size <= 0:
-        raise SearchError("--val-size must be positive: trials are ranked on the validation split")
     n_train = SYNTHETIC_SIZES[0] if args.dataset == "synthetic" else PER_FILE * len(TRAIN_FILES)
     if args.dataset == "folder":
         n_train = folder_pictures(args.data_dir)
+    if args.val_size is None:
+        args.val_size = min(5000, n_train // 10)
+    if args.val_size <= 0:
+        raise SearchError("--val-size must be positive: trials are ranked on the validation split")
     if args.val_size >= n_train:
         raise SearchError(f"--val-size {args.val_size} leaves no training images: the {args.dataset} training set "
                           f"has {n_train}")
