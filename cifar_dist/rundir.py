@@ -167,7 +167,9 @@ def saved_differences(out: Path, wanted: dict[str, Any], keys: list[str]) -> lis
     saved = out / "config.yaml"
     if not saved.exists():
         return []
-    old = load_yaml(saved)
+    defaults = to_dict(Config())  # a setting added since the run was saved: its default, the run's behaviour
+    old = {**defaults, **load_yaml(saved)}
+    old["model"] = {**defaults["model"], **(old.get("model") or {})}
     return [k for k in keys if old.get(k) != wanted[k]]
 
 

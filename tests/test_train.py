@@ -144,6 +144,22 @@ def test_output_path_that_is_a_file_is_refused_untouched(tmp_path, tiny_args, ma
     assert (other / "metrics.jsonl").read_text() == "mine\n"
 
 
+def test_a_run_saved_before_a_setting_existed_is_still_the_same_run(tmp_path):
+    """A run directory from an older version lacks the settings added since: they count as their defaults
+    (the behaviour it had), so its rerun resumes instead of being refused as another run."""
+    from cifar_dist.config import IDENTITY, resolve, save_yaml, to_dict
+    from cifar_dist.rundir import saved_differences
+
+    cfg = resolve(["--preset", "seed3"])
+    save_yaml(cfg, tmp_path / "config.yaml")
+    old = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del old["test_fraction"], old["skip_bad_images"], old["model"]["bn_group"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert saved_differences(tmp_path, to_dict(cfg), IDENTITY) == []
+    assert saved_differences(tmp_path, to_dict(resolve(["--preset", "seed3", "--test-fraction", "0.3"])),
+                             IDENTITY) == ["test_fraction"]
+
+
 def test_other_architecture_or_dataset_in_a_run_dir_is_refused(tmp_path, tiny_args, main_in_process):
     out = tmp_path / "run"
     assert main_in_process(train.main, [*tiny_args, "--epochs", "1", "--output-dir", str(out)])[0] == 0
