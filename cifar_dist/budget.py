@@ -101,9 +101,11 @@ class Plan:
     shortened: list[dict[str, Any]] = field(default_factory=list)  # {after_epoch, epochs, pace_s}
 
     def line(self) -> str:
+        over = ("; one epoch does not fit: it will run past the budget (a smaller preset or a longer budget)"
+                if self.expected_s > self.budget_s else "")
         return (f"time budget {self.budget_s:.0f}s: {self.epochs} epochs planned, expected {self.expected_s:.0f}s "
                 f"({self.epoch_s:.1f}s an epoch at {self.images_per_s:,.0f} training images/s measured now, "
-                f"{self.started_after_s:.0f}s of start-up)")
+                f"{self.started_after_s:.0f}s of start-up){over}")
 
 
 def plan_epochs(cfg: Config, budget_s: float, spent_s: float, images_per_s: float, train_images: int,

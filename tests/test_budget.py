@@ -32,6 +32,8 @@ def test_the_plan_is_the_most_epochs_whose_training_evaluations_and_end_fit():
     assert plan.epochs == 24 and plan.planned_epochs == 24 and plan.started_after_s == 5.0
     tight = budget.plan_epochs(cfg, 4.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
     assert tight.epochs == 1  # nothing fits: still one epoch, evaluated
+    assert "one epoch does not fit: it will run past the budget" in tight.line()
+    assert "does not fit" not in plan.line()
 
 
 def test_a_pace_behind_the_plan_shortens_it_only_as_far_as_needed():
