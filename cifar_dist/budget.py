@@ -31,25 +31,30 @@ UNITS = {"h": 3600, "m": 60, "s": 1}
 SLURM_MARGIN = "200s"
 
 
+NO_JOB = "time_budget slurm needs a SLURM job (SLURM_JOB_ID is not set); give a duration instead"
+
+
+def slurm_margin(text: str) -> float | None:
+    """The margin of `slurm[-margin]` in seconds; None for a plain duration."""
+    word, _, margin = text.strip().lower().partition("-")
+    return parse_duration(margin or SLURM_MARGIN) if word == "slurm" else None
+
+
 def check_budget(text: str) -> None:
     """A ConfigError unless `text` is a duration, or `slurm[-margin]` inside a SLURM job."""
-    word, _, margin = text.strip().lower().partition("-")
-    if word != "slurm":
+    if slurm_margin(text) is None:
         parse_duration(text)
-        return
-    parse_duration(margin or SLURM_MARGIN)
-    if not os.environ.get("SLURM_JOB_ID"):
-        raise ConfigError("time_budget slurm needs a SLURM job (SLURM_JOB_ID is not set); give a duration instead")
+    elif not os.environ.get("SLURM_JOB_ID"):
+        raise ConfigError(NO_JOB)
 
 
 def budget_seconds(text: str, age_s: float) -> float:
     """The budget of --time-budget in seconds from this process's start, `age_s` seconds ago: a duration,
     or `slurm[-margin]`, this SLURM job's time left now less the margin (ConfigError outside a job)."""
-    word, _, margin = text.strip().lower().partition("-")
-    if word != "slurm":
+    margin_s = slurm_margin(text)
+    if margin_s is None:
         return parse_duration(text)
     left = slurm_time_left()
-    margin_s = parse_duration(margin or SLURM_MARGIN)
     if left - margin_s < 1:
         raise ConfigError(f"time_budget {text!r}: the SLURM job has {left:.0f}s left, not more than the "
                           f"{margin_s:.0f}s kept for its end; give it a longer --time or a smaller margin (slurm-30s)")
@@ -60,7 +65,7 @@ def slurm_time_left() -> float:
     """Seconds until this SLURM job's time limit, as squeue reports it (%L: [days-][hours:]minutes:seconds)."""
     job = os.environ.get("SLURM_JOB_ID", "")
     if not job:
-        raise ConfigError("time_budget slurm needs a SLURM job (SLURM_JOB_ID is not set); give a duration instead")
+        raise ConfigError(NO_JOB)
     try:
         r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
