@@ -36,7 +36,7 @@ def write_folders(split: Split, classes: list[str], root: Path) -> None:
 
 def timed_load(root: Path, cache: Path) -> tuple[float, tuple]:
     t0 = time.monotonic()
-    loaded = folders.load(root, 0.2, 0, False, cache)
+    loaded = folders.load(root, 32, 0.2, 0, False, cache)
     return time.monotonic() - t0, loaded
 
 

@@ -15,6 +15,7 @@ def model_card(s: dict[str, Any]) -> str:
 
 def _model(s: dict[str, Any]) -> list[str]:
     cfg = s["config"]
+    side = cfg["model"].get("image_size", 32)  # (a run from before --image-size: 32)
     return ["## Model", "",
             f"- preset `{cfg['preset']}`, recipe `{cfg['recipe']}` (the whole config: `config.yaml`)",
             f"- {s['params']:,} parameters, {s['model_bytes'] / 2**20:.2f} MB; "
@@ -22,7 +23,7 @@ def _model(s: dict[str, Any]) -> list[str]:
             "- weights: `model.pt` (`cifar_dist.model.build_model(spec).load_state_dict(...)`); ONNX: "
             "`python -m cifar_dist.export <this folder>`; classify images: `python -m cifar_dist.predict <this "
             "folder> IMAGE...`",
-            f"- input: 32x32 RGB, normalised with mean {_floats(s['normalization']['mean'])} and std "
+            f"- input: {side}x{side} RGB, normalised with mean {_floats(s['normalization']['mean'])} and std "
             f"{_floats(s['normalization']['std'])} (in [0, 1] units)"]
 
 

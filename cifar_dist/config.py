@@ -191,8 +191,11 @@ def check_config(cfg: Config) -> None:
         check_budget(cfg.time_budget)
     if not 0 < cfg.test_fraction < 1:
         raise ConfigError(f"test_fraction must be between 0 and 1, got {cfg.test_fraction}")
-    if cfg.cutout > 32:
-        raise ConfigError(f"cutout must be at most the image size 32, got {cfg.cutout}")
+    side = cfg.model.image_size
+    if side != 32 and cfg.dataset in ("cifar10", "cifar100"):
+        raise ConfigError(f"image_size {side} needs --dataset folder (or synthetic): CIFAR's pictures are 32x32")
+    if cfg.cutout > side:
+        raise ConfigError(f"cutout must be at most the image size {side}, got {cfg.cutout}")
     try:
         check_spec(cfg.model)
     except SpecError as e:

@@ -33,7 +33,7 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    images: torch.Tensor  # uint8 (N, 3, side, side): 32 for CIFAR, --image-size for a folder
     labels: torch.Tensor  # int64 (N,)
 
     def __len__(self) -> int:
@@ -224,17 +224,17 @@ def download(root: Path, dataset: str = "cifar10") -> None:
 SYNTHETIC_SIZES = (2000, 500)  # training and test images of --dataset synthetic
 
 
-def synthetic(n_train: int = SYNTHETIC_SIZES[0], n_test: int = SYNTHETIC_SIZES[1],
-              seed: int = 1234) -> tuple[Split, Split, list[str]]:
+def synthetic(n_train: int = SYNTHETIC_SIZES[0], n_test: int = SYNTHETIC_SIZES[1], seed: int = 1234,
+              size: int = 32) -> tuple[Split, Split, list[str]]:
     """Ten classes, each a smooth random colour pattern, plus noise: learnable in an epoch or two."""
     g = torch.Generator().manual_seed(seed)
-    templates = torch.nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=32,
+    templates = torch.nn.functional.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=size,
                                                 mode="bilinear", align_corners=False)
 
     def make(n: int) -> Split:
         labels = torch.arange(n) % 10
         labels = labels[torch.randperm(n, generator=g)]
-        x = 128 + 50 * templates[labels] + 40 * torch.randn(n, 3, 32, 32, generator=g)
+        x = 128 + 50 * templates[labels] + 40 * torch.randn(n, 3, size, size, generator=g)
         return Split(x.clamp(0, 255).to(torch.uint8), labels)
 
     return make(n_train), make(n_test), [f"class{i}" for i in range(10)]
@@ -248,7 +248,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
         x = chunk.to(torch.float64).div_(255)
         s += x.sum((0, 2, 3))
         s2 += (x * x).sum((0, 2, 3))
-    n = images.shape[0] * 32 * 32
+    n = images.shape[0] * images.shape[2] * images.shape[3]
     mean = s / n
     std = (s2 / n - mean**2).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
@@ -280,7 +280,7 @@ def load_data(cfg: Config) -> Data:
     """The Data a Config asks for: dataset, subsets, validation hold-out, normalisation."""
     note = ""
     if cfg.dataset == "synthetic":
-        train, test, classes = synthetic()
+        train, test, classes = synthetic(size=cfg.model.image_size)
     elif cfg.dataset == "folder":
         train, test, classes, note = load_folder(cfg)
     else:
@@ -305,8 +305,9 @@ def load_folder(cfg: Config) -> tuple[Split, Split, list[str], str]:
     from cifar_dist.machine import cache_path
 
     try:
-        (x, y), (tx, ty), classes, note = folders.load(Path(cfg.data_dir).expanduser(), cfg.test_fraction, cfg.seed,
-                                                       cfg.skip_bad_images, cache_path().parent / "folders")
+        (x, y), (tx, ty), classes, note = folders.load(Path(cfg.data_dir).expanduser(), cfg.model.image_size,
+                                                       cfg.test_fraction, cfg.seed, cfg.skip_bad_images,
+                                                       cache_path().parent / "folders")
     except folders.FolderError as e:
         raise DataError(str(e)) from None
     return Split(x, y), Split(tx, ty), classes, note
@@ -343,7 +344,8 @@ def epoch_plan(n: int, cfg: Config, epoch: int) -> EpochPlan:
         flips = torch.rand(k, generator=aug) < 0.5
     elif cfg.flip == "alternate":
         flips = _flip_start(cfg.seed)[order] ^ bool(epoch % 2)
-    corners = torch.randint(0, 32 - cfg.cutout + 1, (k, 2), generator=aug) if cfg.cutout else None
+    side = cfg.model.image_size
+    corners = torch.randint(0, side - cfg.cutout + 1, (k, 2), generator=aug) if cfg.cutout else None
     return EpochPlan(order, shifts, flips, corners)
 
 

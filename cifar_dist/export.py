@@ -2,8 +2,8 @@
 `<output-dir>/model.onnx` (one file, dynamic batch; opens in Netron), checks it with onnx.checker and
 compares onnxruntime's outputs with PyTorch's on test images.
 
-The exported graph takes float32 RGB images in [0, 1], shape (N, 3, 32, 32): the run's normalisation is
-built in, so callers need no statistics.
+The exported graph takes float32 RGB images in [0, 1], shape (N, 3, S, S), S the run's --image-size (32
+unless set): the run's normalisation is built in, so callers need no statistics.
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from cifar_dist.model import ModelSpec, build_model, count_params
 def per_image(spec: ModelSpec) -> tuple[int, int]:
     """FLOPs of one image: forward (inference) and forward + backward (training)."""
     model = build_model(dataclasses.replace(spec, bn_group=0))  # the same FLOPs, any batch
-    x = torch.zeros(2, 3, 32, 32)  # batch 2: BatchNorm in training mode needs more than one value
+    # batch 2: BatchNorm in training mode needs more than one value
+    x = torch.zeros(2, 3, spec.image_size, spec.image_size)
     with FlopCounterMode(display=False) as counter:
         model.eval()(x)
     forward = counter.get_total_flops() // 2

@@ -5,10 +5,10 @@ images by a seeded, class-stratified draw (--test-fraction); or PATH/train/<clas
 (or PATH/val/<class>/). Class names are the folder names, sorted; a model gets their number.
 
 Every picture is prepared exactly as `cifar_dist.predict` prepares one (upright by its EXIF orientation,
-transparency on white, the shorter side scaled to 32 pixels, the centre cropped), so a trained run predicts
-on new photos the way it was trained. The decoded set is cached as uint8 tensors, keyed by the files'
-paths, sizes and modification times: the second run starts in seconds, and from there trains exactly
-like CIFAR (on the device, augmented in batches).
+transparency on white, the shorter side scaled to the run's --image-size, 32 by default, the centre
+cropped), so a trained run predicts on new photos the way it was trained. The decoded set is cached as uint8
+tensors, keyed by the files' paths, sizes and modification times and the resolution: the second run starts
+in seconds, and from there trains exactly like CIFAR (on the device, augmented in batches).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import torch
 
 # What Pillow reads that people keep their pictures in.
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-SIZE = 32  # the resolution every picture is prepared at (the presets are built for 32 x 32)
 CACHE_VERSION = 1  # a change in how pictures are prepared makes every cache entry stale
 
 
@@ -32,9 +31,9 @@ class FolderError(ValueError):
     """A folder that is not a dataset, or a picture that cannot be read; the message names it."""
 
 
-def decode(path: Path) -> np.ndarray:
-    """(32, 32, 3) uint8: upright (EXIF), transparency on white, the shorter side scaled to 32, the centre
-    cropped. A file Pillow cannot read raises FolderError naming it."""
+def decode(path: Path, size: int = 32) -> np.ndarray:
+    """(size, size, 3) uint8: upright (EXIF), transparency on white, the shorter side scaled to `size`, the
+    centre cropped. A file Pillow cannot read raises FolderError naming it."""
     from PIL import Image, ImageOps
 
     try:
@@ -47,12 +46,12 @@ def decode(path: Path) -> np.ndarray:
     except Exception as e:  # Pillow raises many kinds for a bad file
         raise FolderError(f"{path} is not a readable image ({type(e).__name__}: {str(e)[:80]})") from None
     w, h = image.size
-    if (w, h) != (SIZE, SIZE):
-        scale = SIZE / min(w, h)
-        image = image.resize((max(SIZE, round(w * scale)), max(SIZE, round(h * scale))), Image.Resampling.LANCZOS)
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.LANCZOS)
         w, h = image.size
-        left, top = (w - SIZE) // 2, (h - SIZE) // 2
-        image = image.crop((left, top, left + SIZE, top + SIZE))
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
     return np.array(image, dtype=np.uint8)  # a copy torch may write to
 
 
@@ -96,22 +95,22 @@ def listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return sorted(found, key=lambda item: (str(item[0].relative_to(folder / classes[item[1]])), item[1]))
 
 
-def cache_key(files: list[tuple[Path, int]]) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION} {SIZE}".encode())
+def cache_key(files: list[tuple[Path, int]], size: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {size}".encode())
     for path, label in files:
         st = path.stat()
         digest.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{label}\n".encode())
     return digest.hexdigest()[:24]
 
 
-def decode_all(files: list[Path], skip_bad: bool, what: str) -> tuple[np.ndarray, list[int]]:
+def decode_all(files: list[Path], size: int, skip_bad: bool, what: str) -> tuple[np.ndarray, list[int]]:
     """The pictures decoded on every core, with a progress line; the indices of those skipped."""
-    images = np.zeros((len(files), SIZE, SIZE, 3), dtype=np.uint8)
+    images = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     bad: list[int] = []
     start, shown = time.monotonic(), 0.0
     workers = max(1, min(len(os.sched_getaffinity(0)), 1 + len(files) // 256))
     with ProcessPoolExecutor(workers) as pool:
-        for i, result in enumerate(pool.map(_decode_or_error, files, chunksize=64)):
+        for i, result in enumerate(pool.map(_decode_or_error, files, [size] * len(files), chunksize=64)):
             if isinstance(result, str):
                 if not skip_bad:
                     raise FolderError(f"{result}; --skip-bad-images goes on without it")
@@ -126,22 +125,22 @@ def decode_all(files: list[Path], skip_bad: bool, what: str) -> tuple[np.ndarray
     return images, bad
 
 
-def _decode_or_error(path: Path) -> np.ndarray | str:
+def _decode_or_error(path: Path, size: int) -> np.ndarray | str:
     try:
-        return decode(path)
+        return decode(path, size)
     except FolderError as e:
         return str(e)
 
 
-def read(files: list[tuple[Path, int]], cache: Path, skip_bad: bool,
+def read(files: list[tuple[Path, int]], size: int, cache: Path, skip_bad: bool,
          what: str) -> tuple[torch.Tensor, torch.Tensor, list[str], bool]:
-    """(N, 3, 32, 32) uint8 images and their labels, from the cache when the files are unchanged; the
+    """(N, 3, size, size) uint8 images and their labels, from the cache when the files are unchanged; the
     paths of the pictures skipped; whether it came from the cache."""
-    entry = cache / f"{cache_key(files)}-{'skip' if skip_bad else 'all'}.pt"
+    entry = cache / f"{cache_key(files, size)}-{'skip' if skip_bad else 'all'}.pt"
     if entry.exists():
         saved = torch.load(entry)
         return saved["images"], saved["labels"], saved["skipped"], True
-    images, bad = decode_all([path for path, _ in files], skip_bad, what)
+    images, bad = decode_all([path for path, _ in files], size, skip_bad, what)
     keep = np.setdiff1d(np.arange(len(files)), bad)
     pixels = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([files[i][1] for i in keep], dtype=torch.int64)
@@ -170,22 +169,22 @@ def stratified(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.
 Tensors = tuple[torch.Tensor, torch.Tensor]
 
 
-def load(root: Path, test_fraction: float, seed: int, skip_bad: bool, cache: Path) -> tuple[Tensors, Tensors,
-                                                                                            list[str], str]:
+def load(root: Path, size: int, test_fraction: float, seed: int, skip_bad: bool,
+         cache: Path) -> tuple[Tensors, Tensors, list[str], str]:
     """The folder's training and test pictures (images, labels), the class names, and one line saying
     where they came from (the start line's, the model card's)."""
     train_dir, test_dir = layout(root)
     classes = class_names(train_dir)
-    images, labels, skipped, cached = read(listing(train_dir, classes), cache, skip_bad, str(train_dir))
+    images, labels, skipped, cached = read(listing(train_dir, classes), size, cache, skip_bad, str(train_dir))
     if test_dir is None:
         tr, te = stratified(labels, test_fraction, seed)
         test, train = (images[te], labels[te]), (images[tr], labels[tr])
         how = f"a {test_fraction:g} test split of each class (seed {seed})"
     else:
-        test_images, test_labels, more, hit = read(listing(test_dir, classes), cache, skip_bad, str(test_dir))
+        test_images, test_labels, more, hit = read(listing(test_dir, classes), size, cache, skip_bad, str(test_dir))
         test, train, skipped, cached = (test_images, test_labels), (images, labels), skipped + more, cached and hit
         how = f"{test_dir.name}/ as the test set"
     counts = ", ".join(f"{name} {int((train[1] == i).sum()):,}" for i, name in enumerate(classes))
-    note = (f"folder {root}: {len(classes)} classes ({counts} training pictures), {how}"
+    note = (f"folder {root} at {size}x{size}: {len(classes)} classes ({counts} training pictures), {how}"
             f"{f', {len(skipped)} unreadable skipped' if skipped else ''}; {'cached' if cached else 'decoded now'}")
     return train, test, classes, note

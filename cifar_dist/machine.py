@@ -277,7 +277,7 @@ def measure(cfg: Config, batch: int) -> dict[str, float]:
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(memory_format=memory).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    x = torch.randn(batch, 3, 32, 32).to(memory_format=memory)
+    x = torch.randn(batch, 3, cfg.model.image_size, cfg.model.image_size).to(memory_format=memory)
     y = torch.randint(0, cfg.model.num_classes, (batch,))
     seconds: dict[str, float] = {}
     for name in ("fp32", "bf16"):
@@ -339,7 +339,8 @@ def measure_micro(cfg: Config, sizes: list[int], bf16: bool, device: torch.devic
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     speed = {}
     for size in sizes:
-        x = torch.randn(size, 3, 32, 32, device=device).contiguous(memory_format=memory)
+        side = cfg.model.image_size
+        x = torch.randn(size, 3, side, side, device=device).contiguous(memory_format=memory)
         y = torch.randint(0, cfg.model.num_classes, (size,), device=device)
         steps, t0 = -1, 0.0
         while steps < 2 or time.perf_counter() - t0 < (seconds or MICRO_PROBE_S):

@@ -1,4 +1,4 @@
-"""One ResNet family for CIFAR-10, described by a small spec (stem, stages, head).
+"""One ResNet family for CIFAR-10, described by a small spec (stem, stages, head, input size).
 
 Every preset (the tutorial's `seed2`/`seed3`, `resnet18`, the airbench-shaped `fast`, ...) and every
 Ray Tune trial is a `ModelSpec`; `build_model` turns any valid spec into an `nn.Module`.
@@ -23,6 +23,12 @@ class SpecError(ValueError):
     """An architecture that cannot be built; the message names the problem."""
 
 
+MIN_IMAGE, MAX_IMAGE = 8, 512  # --image-size: below 8 no preset keeps a feature map; above, use another tool
+# A flatten head's linear layer has channels x side x side inputs: the tutorial's seed2 has 32,768 at 32x32.
+# At 4x that (its 64x64) it still trains; beyond, the head would hold most of the network's weights.
+MAX_FLATTEN = 131_072
+
+
 @dataclass
 class ModelSpec:
     stem_width: int = setting(32, "channels of the stem conv (a whitening stem: 2*3*k*k)")
@@ -38,6 +44,8 @@ class ModelSpec:
     relu_after_add: bool = setting(True, "activation after each residual add (the tutorial's 2-block net: none)")
     conv_bias: bool = setting(False, "bias in convolutions (the tutorial: nn.Conv2d's default, on)")
     num_classes: int = setting(10, "number of classes (default: the dataset's, 10 or 100)")
+    image_size: int = setting(32, "side of the square RGB images the network takes (CIFAR: 32; a folder of your "
+                                  "own pictures is prepared at this size)")
     stem: Literal["conv", "whiten"] = setting("conv", "conv-BN-act, or a frozen patch-whitening conv set from "
                                                       "the data, then act")
     stage: Literal["resnet", "convpool"] = setting("resnet", "strided blocks, or conv, 2x2 max-pool, BN, act, "
@@ -86,13 +94,20 @@ def check_spec(spec: ModelSpec) -> None:
         raise SpecError(f"logit_scale must be positive, got {spec.logit_scale}")
     if spec.num_classes < 2:
         raise SpecError(f"num_classes must be >= 2, got {spec.num_classes}")
-    if output_size(spec) < 1:
-        raise SpecError(f"the strides {spec.strides} shrink a 32x32 image to nothing")
+    if not MIN_IMAGE <= spec.image_size <= MAX_IMAGE:
+        raise SpecError(f"image_size must be between {MIN_IMAGE} and {MAX_IMAGE}, got {spec.image_size}")
+    side = output_size(spec)
+    if side < 1:
+        raise SpecError(f"the strides {spec.strides} shrink a {spec.image_size}x{spec.image_size} image to nothing")
+    if spec.head == "flatten" and spec.widths[-1] * side * side > MAX_FLATTEN:
+        raise SpecError(f"a flatten head cannot take {spec.image_size}x{spec.image_size} images here: its last "
+                        f"{side}x{side}x{spec.widths[-1]} feature map makes {spec.widths[-1] * side * side:,} inputs "
+                        f"to its linear layer (at most {MAX_FLATTEN:,}); use --head gap or a smaller --image-size")
 
 
-def output_size(spec: ModelSpec, input_size: int = 32) -> int:
+def output_size(spec: ModelSpec) -> int:
     """Side length of the last feature map (3x3 convs/pools with padding 1 give ceil(n/stride))."""
-    size = input_size - spec.stem_kernel + 1 if spec.stem == "whiten" else input_size  # (no padding)
+    size = spec.image_size - spec.stem_kernel + 1 if spec.stem == "whiten" else spec.image_size  # (no padding)
     if spec.stem_pool != "none":
         size = (size + 1) // 2
     for s in spec.strides:  # a convpool stage's 2x2 max-pool floors
@@ -275,11 +290,11 @@ def forward_outputs(model: nn.Module, modules: dict[str, nn.Module], x: torch.Te
     return outputs
 
 
-def summarize(model: nn.Module, input_size: int = 32) -> str:
+def summarize(model: nn.Module, side: int) -> str:
     """Per layer: output shape and parameters; then the totals (a torchinfo-style table)."""
     shown = {name: m for name, m in model.named_modules()
              if name and (not list(m.children()) or isinstance(m, Block)) and not isinstance(m, nn.Identity)}
-    x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    x = torch.zeros(1, 3, side, side, device=next(model.parameters()).device)
     rows = [dict(layer=name, type="Block (sum)" if isinstance(shown[name], Block) else type(shown[name]).__name__,
                  output_shape=str(tuple(out.shape[1:])),
                  params=f"{sum(p.numel() for p in shown[name].parameters()):,}")  # a Block sums its layers

@@ -48,16 +48,20 @@ def image_paths(paths: list[Path]) -> list[Path]:
     return found
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """(3, 32, 32) floats in [0, 1], prepared as a folder dataset's pictures are (cifar_dist.folders.decode)."""
+def load_image(path: Path, side: int) -> torch.Tensor:
+    """(3, side, side) floats in [0, 1], prepared as a folder dataset's pictures are (cifar_dist.folders.decode)."""
     try:
-        return torch.from_numpy(folders.decode(path)).permute(2, 0, 1).float() / 255
+        return torch.from_numpy(folders.decode(path, side)).permute(2, 0, 1).float() / 255
     except folders.FolderError as e:
         raise ConfigError(str(e)) from None
 
 
-def classifier(run: Path, onnx: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, list[str]]:
-    """The run's model as images -> logits (normalisation built in), its TTA, its classes and device."""
+Classifier = tuple[Callable[[torch.Tensor], torch.Tensor], str, list[str], int]
+
+
+def classifier(run: Path, onnx: bool) -> Classifier:
+    """The run's model as images -> logits (normalisation built in), its TTA, its classes and the side of
+    the images it takes."""
     model, cfg = load_run(run)
     summary = json.loads((run / "summary.json").read_text())
     classes = summary.get("classes") or list(summary[f"per_class_{summary.get('main_split', 'test')}_acc"])
@@ -67,10 +71,11 @@ def classifier(run: Path, onnx: bool) -> tuple[Callable[[torch.Tensor], torch.Te
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(run / "model.onnx"), providers=["CPUExecutionProvider"])
-        return lambda x: torch.from_numpy(session.run(None, {"images": x.contiguous().numpy()})[0]), cfg.tta, classes
+        return (lambda x: torch.from_numpy(session.run(None, {"images": x.contiguous().numpy()})[0]), cfg.tta, classes,
+                cfg.model.image_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
-    return (lambda x: model(x.to(device)).cpu()), cfg.tta, classes
+    return (lambda x: model(x.to(device)).cpu()), cfg.tta, classes, cfg.model.image_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per image, for scripts")
     args = p.parse_args(argv)
     try:
-        model, tta, classes = classifier(args.run, args.onnx)
+        model, tta, classes, side = classifier(args.run, args.onnx)
         if not 1 <= args.top_k <= len(classes):
             raise ConfigError(f"--top-k must be in 1..{len(classes)} (the run's classes), got {args.top_k}")
         paths = image_paths(args.images)
-        images = torch.stack([load_image(path) for path in paths])  # every file read before any answer
+        images = torch.stack([load_image(path, side) for path in paths])  # every file read before any answer
     except ConfigError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

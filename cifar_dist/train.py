@@ -305,7 +305,7 @@ def start_records(run: Run) -> None:
     if not accelerator.is_main_process:
         return
     write_metrics(out, run.state.history)
-    table = summarize(unwrap(accelerator, run.model))
+    table = summarize(unwrap(accelerator, run.model), cfg.model.image_size)
     (out / "model_summary.txt").write_text(table + "\n")  # the layer table: there, not in every log
     samples = run.first_images(16)
     grid = pictures.sample_grid(samples.images, samples.labels, run.data.classes)

@@ -73,7 +73,7 @@ def test_any_size_is_scaled_and_centre_cropped_like_a_cifar_photo(tmp_path):
     wide = torch.zeros(3, 64, 192, dtype=torch.uint8)
     wide[0, :, 64:128] = 255  # a red middle third: scaled to 32x96, its centre 32x32 is all red
     Image.fromarray(wide.permute(1, 2, 0).numpy()).save(tmp_path / "wide.jpg", quality=95)
-    x = P.load_image(tmp_path / "wide.jpg")
+    x = P.load_image(tmp_path / "wide.jpg", 32)
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     assert x[0, :, 2:-2].min() > 0.9 and x[1:].max() < 0.1
 
@@ -129,8 +129,8 @@ def test_a_phone_photo_is_turned_upright_and_transparency_is_on_white(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
     tall.save(tmp_path / "phone.jpg", exif=exif, quality=95)
-    x = P.load_image(tmp_path / "phone.jpg")  # upright: 32 wide, 64 tall, blue on top; the centre crop straddles
+    x = P.load_image(tmp_path / "phone.jpg", 32)  # upright: 32 wide, 64 tall, blue on top; the centre crop straddles
     assert x[2, 2, 16] > 0.8 and x[0, -3, 16] > 0.8  # blue at the top, red at the bottom: turned, not squashed
     clear = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     clear.save(tmp_path / "clear.png")
-    assert P.load_image(tmp_path / "clear.png").min() > 0.99
+    assert P.load_image(tmp_path / "clear.png", 32).min() > 0.99
