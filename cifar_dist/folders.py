@@ -107,7 +107,7 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, what: str) -> tuple
     """The pictures decoded on every core, with a progress line; the indices of those skipped."""
     images = np.zeros((len(files), size, size, 3), dtype=np.uint8)
     bad: list[int] = []
-    start, shown = time.monotonic(), 0.0
+    start = shown = time.monotonic()  # a line every 5 s, and the last
     workers = max(1, min(len(os.sched_getaffinity(0)), 1 + len(files) // 256))
     with ProcessPoolExecutor(workers) as pool:
         for i, result in enumerate(pool.map(_decode_or_error, files, [size] * len(files), chunksize=64)):
