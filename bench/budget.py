@@ -3,6 +3,7 @@ shortening), the wall-clock of the whole command (measured here, from outside th
 budget, and the accuracy reached. One line appended to bench/results/budget.jsonl.
 
     python -m bench.budget --budgets 2m,5m,10m -- --preset fast --data-dir ../shared/cifar10
+    python -m bench.budget --budgets 2m,5m,10m -- --preset auto --data-dir ../shared/cifar10
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def one(budget: str, train_args: list[str]) -> dict:
             raise SystemExit(f"bench.budget: error: {' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
         s = json.loads((Path(tmp) / "summary.json").read_text())
     plan, seconds = s["time_budget"], parse_duration(budget)
-    return dict(budget=budget, budget_s=seconds, planned=plan["planned_epochs"], epochs=s["epochs_completed"],
+    chosen = (plan.get("auto") or {}).get("chosen")  # --preset auto's training
+    return dict(budget=budget, budget_s=seconds, training=f"auto: {chosen}" if chosen else s["preset"],
+                planned=plan["planned_epochs"], epochs=s["epochs_completed"],
                 shortened=len(plan["shortened"]), wall_s=wall, vs_budget=f"{wall / seconds:.3f}x",
                 test_acc=round(100 * s.get("test_acc", s.get("val_acc", 0.0)), 2), micro_batch=s["micro_batch"],
                 precision=s["mixed_precision"], plan=plan)

@@ -37,17 +37,13 @@ from bench.tutorial import run_script
 from cifar_dist.config import resolve
 from cifar_dist.flops import per_image
 from cifar_dist.machine import micro_candidates
+from cifar_dist.recipes import AUTO
 from cifar_dist.tables import text_table
 
 TUTORIAL_BEST = 0.763
 # Each row: the accuracy it runs to and our train.py flags (None: the tutorial's loop).
 ROWS: dict[str, tuple[float, list[str] | None]] = {
-    # `fast`'s shape at half its widths (0.197 GFLOP a training image, 28 % of `fast`'s), one epoch of its
-    # Muon recipe at batch 1000 (the SGD lr halved with the batch: airbench's lr is per summed loss; the same
-    # weight decay per step, 0.004), flip TTA: 81.5 % in 49 s on a 2-core EPYC where 2 epochs at batch 2000
-    # gave 84.9 % in 100 s.
-    "quick": (TUTORIAL_BEST, ["--preset", "fast", "--widths", "32,128,128", "--epochs", "1", "--batch-size", "1000",
-                              "--lr", "53", "--weight-decay", "7.547e-5", "--tta", "flip"]),
+    "quick": (TUTORIAL_BEST, [*AUTO["quick"], "--epochs", "1"]),  # one epoch of --preset auto's smaller training
     "tutorial": (TUTORIAL_BEST, None),
     "seed3": (TUTORIAL_BEST, ["--preset", "seed3", "--epochs", "3", "--eval-every", "3", "--batch-size", "128",
                               "--crop-padding", "0", "--flip", "alternate", "--lookahead", "--label-smoothing", "0.2",

@@ -104,13 +104,19 @@ class Plan:
     epoch_s: float  # one epoch's training and evaluation as planned
     started_after_s: float  # the run's own start-up before the plan (data, probes, the measurement)
     shortened: list[dict[str, Any]] = field(default_factory=list)  # {after_epoch, epochs, pace_s}
+    auto: dict[str, Any] | None = None  # --preset auto's choice (cifar_dist.auto.record)
 
     def line(self) -> str:
         over = ("; one epoch does not fit: it will run past the budget (a smaller preset or a longer budget)"
                 if self.expected_s > self.budget_s else "")
-        return (f"time budget {self.budget_s:.0f}s: {self.epochs} epochs planned, expected {self.expected_s:.0f}s "
+        text = (f"time budget {self.budget_s:.0f}s: {self.epochs} epochs planned, expected {self.expected_s:.0f}s "
                 f"({self.epoch_s:.1f}s an epoch at {self.images_per_s:,.0f} training images/s measured now, "
                 f"{self.started_after_s:.0f}s of start-up){over}")
+        if self.auto:
+            from cifar_dist.auto import line
+
+            text = f"{line(self.auto)}\n{text}"
+        return text
 
 
 def plan_epochs(cfg: Config, budget_s: float, spent_s: float, images_per_s: float, train_images: int,

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    preset: str = setting("seed3", "architecture preset", choices=tuple(PRESETS))
+    preset: str = setting("seed3", "architecture preset; auto (with --time-budget): of quick and fast, the one "
+                                   "expected most accurate in the budget on this machine", choices=(*PRESETS, "auto"))
     recipe: str = setting("default", "training recipe (default: the preset's own, else default)",
                           choices=tuple(RECIPES))
     model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "the architecture", "role": "identity"})
@@ -141,6 +142,7 @@ def folder_classes(data_dir: str) -> int:
         raise ConfigError(str(e)) from None
 
 
+FOLDER_NEEDS_DIR = "--dataset folder needs --data-dir: the folder of your pictures, one folder per class"
 MICRO_WORDS = ("auto", "whole")  # --micro-batch's words; else a number
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "synthetic": 10}  # what a model is built for by default
 
@@ -185,6 +187,8 @@ def check_config(cfg: Config) -> None:
     if cfg.model.bn_group and cfg.sync_bn:
         raise ConfigError("--sync-bn with --bn-group: each BatchNorm group lies within one process already, and "
                           "its statistics are the same on any world size; drop --sync-bn")
+    if cfg.preset == "auto" and not cfg.time_budget:
+        raise ConfigError("preset auto chooses a training for a time budget: give --time-budget (e.g. 10m)")
     if cfg.time_budget:
         from cifar_dist.budget import check_budget  # (it builds on this module)
 
@@ -303,13 +307,13 @@ def resolve(argv: list[str] | None = None, overrides: dict[str, Any] | None = No
         cfg.recipe = PRESET_RECIPE.get(cfg.preset, "default")
     check_choices(cfg, ConfigError, ("preset", "recipe"))
     preset, recipe = cfg.preset, cfg.recipe
-    _apply(cfg, PRESETS[preset], f"preset {preset}")
+    _apply(cfg, PRESETS.get(preset, {}), f"preset {preset}")  # auto: chosen later (cifar_dist.auto)
     _apply(cfg, RECIPES[recipe], f"recipe {recipe}")
     for values, source in layers:
         _apply(cfg, values, source)
     given = {k.replace("-", "_") for values, _ in layers for k in [*values, *(values.get("model") or {})]}
     if cfg.dataset == "folder" and not cfg.data_dir:
-        raise ConfigError("--dataset folder needs --data-dir: the folder of your pictures, one folder per class")
+        raise ConfigError(FOLDER_NEEDS_DIR)
     if "num_classes" not in given:
         cfg.model.num_classes = DATASET_CLASSES.get(cfg.dataset) or folder_classes(cfg.data_dir)
     check_config(cfg)

@@ -34,7 +34,7 @@ def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tu
     for the record. The micro-batch is Accelerate's gradient accumulation: --grad-accum's steps, each cut
     into forward passes of the micro-batch."""
     machine.use_deterministic_kernels(cfg.deterministic)  # before anything touches a GPU
-    deepspeed = plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    deepspeed = deepspeed_asked(plugin)
     if deepspeed and (missing := missing_modules(("deepspeed", "transformers"))):
         raise ConfigError(f"DeepSpeed was asked for but {' and '.join(missing)} is not installed: "
                           "pip install -e '.[deepspeed]'")
@@ -43,14 +43,7 @@ def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tu
                            else os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"), cfg)
     if plugin is not None:  # as Accelerator would, before the process group below: DeepSpeed starts it
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    cuda = torch.cuda.is_available()
-    # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on
-    # CPU; but not under DeepSpeed, which that would silently turn into plain DDP. DeepSpeed on CPU needs
-    # gloo named, or it asks for a GPU backend and sees a world of one.
-    cpu_world = not cuda and not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = cpu_world or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it (--cpu)
-    backend = dict(backend="gloo") if deepspeed and not cuda else {}
-    state = PartialState(cpu=cpu, **backend)  # the process group first: the ranks agree on the precision
+    state, cpu, backend = process_group(deepspeed)  # the process group first: the ranks agree on the precision
     if cfg.batch_size % (state.num_processes * cfg.grad_accum):
         raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                           f"({state.num_processes} x {cfg.grad_accum})")
@@ -64,6 +57,24 @@ def make_accelerator(cfg: Config, trackers: list[str], plugin: Any = None) -> tu
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("mixed_precision fp16 needs a GPU; use bf16 on CPU")
     return accelerator, choices
+
+
+def deepspeed_asked(plugin: Any) -> bool:
+    """DeepSpeed was asked for: a plugin given (a Ray Train worker), or `accelerate launch`'s DeepSpeed config."""
+    return plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def process_group(deepspeed: bool) -> tuple[PartialState, bool, dict[str, str]]:
+    """This process's place in the launch (Accelerate's PartialState, made once), whether Accelerate runs
+    on the CPU, and the backend it must be told."""
+    cuda = torch.cuda.is_available()
+    # Without a GPU, Accelerate only sees a multi-process world (torchrun, Ray Train) when told it runs on
+    # CPU; but not under DeepSpeed, which that would silently turn into plain DDP. DeepSpeed on CPU needs
+    # gloo named, or it asks for a GPU backend and sees a world of one.
+    cpu_world = not cuda and not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = cpu_world or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it (--cpu)
+    backend = dict(backend="gloo") if deepspeed and not cuda else {}
+    return PartialState(cpu=cpu, **backend), cpu, backend
 
 
 def machine_choices(cfg: Config, state: PartialState) -> dict[str, Any]:

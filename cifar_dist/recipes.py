@@ -82,3 +82,16 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # The recipe a preset trains with unless --recipe says otherwise.
 PRESET_RECIPE = {"fast": "fast", "best": "best"}
+
+# What --preset auto chooses from, each a preset and flags (cifar_dist.auto); what each reached at a few
+# epochs on real CIFAR-10 is cifar_dist/auto_table.json (`python -m bench.auto`). `best` is not among them
+# until it has been measured (two hours an epoch count on a CPU).
+AUTO: dict[str, list[str]] = {
+    # `fast`'s shape at half its widths (0.197 GFLOP a training image, 28 % of `fast`'s), its Muon recipe
+    # at batch 1000 (the SGD lr halved with the batch: airbench's lr is per summed loss; the same weight
+    # decay per step, 0.004), flip TTA: for budgets of an epoch or two (81.5 % in one epoch, 49 s, on a
+    # 2-core EPYC, where 2 epochs of `fast` at batch 2000 gave 84.9 % in 100 s).
+    "quick": ["--preset", "fast", "--widths", "32,128,128", "--batch-size", "1000", "--lr", "53",
+              "--weight-decay", "7.547e-5", "--tta", "flip"],
+    "fast": ["--preset", "fast"],
+}

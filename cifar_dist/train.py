@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from cifar_dist import budget, flops, machine, pictures, tracking
+from cifar_dist import auto, budget, flops, machine, pictures, tracking
 from cifar_dist import data as D
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
 from cifar_dist.distributed import (
@@ -110,10 +110,14 @@ def say(accelerator: Accelerator, message: str) -> None:
 
 
 def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None = None,
-          deepspeed_plugin: Any = None, started_before: float = 0.0) -> dict[str, Any]:
+          deepspeed_plugin: Any = None, started_before: float = 0.0,
+          auto: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or resume) the run `cfg` describes; returns its summary. The one training loop: the CLI,
     Tune trials and SLURM jobs all come here. `on_epoch(metrics, checkpoint)` follows every epoch;
-    `started_before`: the seconds this process ran before (a time budget counts them)."""
+    `started_before`: the seconds this process ran before (a time budget counts them); `auto`: the choice
+    of --preset auto that made `cfg` (cifar_dist.auto, kept in the plan)."""
+    if cfg.preset == "auto":
+        raise ConfigError("preset auto is chosen by train.py's command line; a Tune trial or a script names a preset")
     clock = budget.Clock(started_before)
     trackers = tracking.parse(cfg.tracker)
     accelerator, choices = make_accelerator(cfg, trackers, deepspeed_plugin)
@@ -129,7 +133,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
             acc = ", ".join(f"{k} {v:.2%}" for k, v in done.items() if k in ("val_acc", "test_acc"))
             say(accelerator, f"{out} already finished {done['epochs_completed']} epochs ({acc}); nothing to do")
         else:
-            run = setup(cfg, accelerator, out, trackers, choices, clock)
+            run = setup(cfg, accelerator, out, trackers, choices, clock, auto)
             start_records(run)
             preemption = Preemption()  # from here on a signal stops training at a step, with a checkpoint
             done = run_epochs(run, preemption, on_epoch)
@@ -182,13 +186,13 @@ def teardown(accelerator: Accelerator, preemption: Preemption | None, failed: bo
 # --- set-up ----------------------------------------------------------------------------------------
 
 def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str], choices: dict[str, Any],
-          clock: budget.Clock) -> Run:
+          clock: budget.Clock, auto: dict[str, Any] | None = None) -> Run:
     """The run directory, the data on the device, the plan of a time budget, the model and its
     optimisation, and a resume from the latest checkpoint when there is one. (The directory exists:
     `hold` made it, on every rank's behalf.)"""
     set_seed(cfg.seed)
     data, train_set, evals = load_splits(cfg, accelerator)
-    plan = plan_budget(cfg, accelerator, out, choices, clock, len(train_set), sum(len(s) for s in evals.values()))
+    plan = plan_budget(cfg, accelerator, out, choices, clock, len(train_set), sum(len(s) for s in evals.values()), auto)
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
     model, optimizer, size = build(cfg, accelerator, train_set, norm)
     steps_per_epoch = len(train_set) // cfg.batch_size
@@ -217,28 +221,32 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
 
 
 def plan_budget(cfg: Config, accelerator: Accelerator, out: Path, choices: dict[str, Any], clock: budget.Clock,
-                train_images: int, eval_images: int) -> budget.Plan | None:
+                train_images: int, eval_images: int, auto: dict[str, Any] | None = None) -> budget.Plan | None:
     """--time-budget: the plan kept in the run directory, else a new one from the main process's budget and
     measurement, on every rank alike; cfg.epochs becomes the plan's."""
     if not cfg.time_budget:
         return None
     plan = budget.saved(out)
     if plan is None:
-        measured = main_budget(cfg, accelerator, choices, clock) if accelerator.is_main_process else None
+        measured = main_budget(cfg, accelerator, choices, clock, auto) if accelerator.is_main_process else None
         budget_s, images_per_s = broadcast_object_list([measured])[0]
         if isinstance(budget_s, str):  # every rank stops with the main process's line
             raise ConfigError(budget_s)
         plan = budget.plan_epochs(cfg, budget_s, clock(), images_per_s, train_images, eval_images)
+        plan.auto = auto
         if accelerator.is_main_process:
             budget.save(out, plan)
     cfg.epochs = plan.epochs
     return plan
 
 
-def main_budget(cfg: Config, accelerator: Accelerator, choices: dict[str, Any],
-                clock: budget.Clock) -> tuple[float | str, float]:
+def main_budget(cfg: Config, accelerator: Accelerator, choices: dict[str, Any], clock: budget.Clock,
+                auto: dict[str, Any] | None) -> tuple[float | str, float]:
     """The budget in seconds (slurm: this job's time left, asked once), or the line saying why there is none;
-    and the world's training rate, from this config's own step (its optimizer, precision and micro-batch)."""
+    and the world's training rate, from this config's own step (its optimizer, precision and micro-batch),
+    which --preset auto measured already."""
+    if auto is not None:
+        return auto["budget_s"], next(o["images_per_s"] for o in auto["options"] if o["name"] == auto["chosen"])
     try:
         budget_s = budget.budget_seconds(cfg.time_budget, clock())
     except ConfigError as e:
@@ -581,8 +589,15 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
 # --- the command ---------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    # As a command, a budget counts this process's start-up too (the interpreter's, torch's); called from
+    # Python (a notebook, a test), from the call
+    clock = budget.Clock(budget.process_age() if argv is None else 0.0)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        train(resolve(sys.argv[1:] if argv is None else argv))
+        cfg, choice = resolve(argv), None
+        if cfg.preset == "auto":
+            cfg, choice = auto.choose(argv, clock)
+        train(cfg, started_before=clock(), auto=choice)
     except (ConfigError, D.DataError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -132,5 +132,24 @@ def test_budget_bench_records_plan_epochs_wall_clock_and_accuracy(tmp_path):
     assert r.returncode == 0, r.stderr
     (row,) = json.loads((tmp_path / "b.jsonl").read_text())["rows"]
     assert row["budget_s"] == 15 and row["epochs"] == row["plan"]["epochs"] <= row["planned"]
+    assert row["training"] == "seed3"  # the preset (or, with --preset auto, its choice)
     assert row["vs_budget"] == f"{row['wall_s'] / 15:.3f}x" and 0 < row["test_acc"] <= 100
     assert "15s" in r.stdout and row["vs_budget"] in r.stdout
+
+
+def test_auto_table_bench_writes_the_table_auto_reads_and_reuses_finished_runs(cifar, tmp_path):
+    table, out = tmp_path / "auto_table.json", tmp_path / "runs"
+    args = ["--data-dir", cifar, "--epochs", "quick=1", "--out", str(out), "--table", str(table), "--results",
+            str(tmp_path / "auto.jsonl"), "--train-subset", "1000", "--test-subset", "200"]
+    r = bench("auto", args, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = json.loads(table.read_text())
+    (row,) = written["rows"]
+    assert row["candidate"] == "quick" and row["epochs"] == 1 and 0 < row["test_acc"] <= 1 and row["seconds"] > 0
+    assert written["machine"] and written["command"].startswith("python -m bench.auto --data-dir")
+    from cifar_dist.auto import expected_accuracy
+
+    assert expected_accuracy(written["rows"], "quick", 1) == row["test_acc"]
+    again = bench("auto", args, tmp_path)  # the finished run is read back, not trained again
+    assert again.returncode == 0 and "cifar_dist.train" not in again.stdout
+    assert json.loads(table.read_text())["rows"] == written["rows"]

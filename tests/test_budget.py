@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from cifar_dist import budget, train
+from cifar_dist import auto, budget, train
 from cifar_dist.config import ConfigError, resolve
+from cifar_dist.recipes import AUTO
 
 from conftest import TINY, assert_one_line_error, metrics, summary
 
@@ -123,3 +124,65 @@ def test_a_slurm_budget_that_cannot_be_had_is_one_line(tmp_path, monkeypatch, le
     fake_squeue(tmp_path, monkeypatch, left, code)
     with pytest.raises(ConfigError, match=re.escape(text)):
         budget.budget_seconds("slurm", age_s=0.0)
+
+
+# --- --preset auto ----------------------------------------------------------------------------------
+
+ROWS = [dict(candidate="quick", epochs=1, test_acc=0.80), dict(candidate="quick", epochs=2, test_acc=0.85),
+        dict(candidate="fast", epochs=2, test_acc=0.88), dict(candidate="fast", epochs=4, test_acc=0.92)]
+
+
+def test_auto_reads_accuracy_off_the_table_and_takes_the_most_accurate_that_fits():
+    assert auto.expected_accuracy(ROWS, "fast", 3) == pytest.approx(0.90)  # between two rows
+    assert auto.expected_accuracy(ROWS, "fast", 9) == 0.92  # never more than the most trained row
+    assert auto.expected_accuracy(ROWS, "fast", 1) == pytest.approx(0.44)  # scaled down below the fewest
+    assert auto.expected_accuracy(ROWS, "best", 5) is None
+
+    def option(name, epochs, seconds, fits):
+        return auto.Option(name, epochs, seconds, 1000.0, auto.expected_accuracy(ROWS, name, epochs), fits)
+
+    short = [option("quick", 2, 100, True), option("fast", 1, 90, True)]
+    assert auto.decide(short).name == "quick"  # 85 % beats fast's one epoch
+    longer = [option("quick", 9, 500, True), option("fast", 4, 520, True)]
+    assert auto.decide(longer).name == "fast"
+    none = [option("quick", 1, 130, False), option("fast", 1, 200, False)]
+    assert auto.decide(none).name == "quick"  # nothing fits one epoch: the quickest
+    line = auto.line(auto.record(auto.decide(longer), longer, {"machine": "m"}))
+    assert line == "preset auto: fast, 4 epochs, 92.0% expected on CIFAR-10 (not quick, 9 epochs, 85.0%)"
+
+
+def test_auto_candidates_take_the_users_flags_and_keep_their_preset():
+    cfg = resolve(auto.candidate_argv("quick", ["--preset", "auto", "--batch-size", "500", "--time-budget", "5m"]))
+    assert cfg.preset == "fast" and cfg.model.widths == [32, 128, 128] and cfg.batch_size == 500
+    assert cfg.lr == 53 and cfg.time_budget == "5m"
+
+
+def test_auto_chooses_measures_and_keeps_its_choice_on_a_rerun(tmp_path, in_process):
+    out = tmp_path / "run"
+    args = ["--preset", "auto", "--time-budget", "30s", "--dataset", "synthetic", "--mixed-precision", "no",
+            "--batch-size", "500", "--output-dir", str(out)]
+    r = in_process(train.main, args)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    choice = plan["auto"]
+    options = [auto.Option(**o) for o in choice["options"]]
+    assert [o.name for o in options] == list(AUTO) and all(o.images_per_s > 0 for o in options)
+    assert choice["chosen"] == auto.decide(options).name and choice["table_machine"]
+    chosen = next(o for o in options if o.name == choice["chosen"])
+    # the plan takes the rate measured for the choice, a moment later (the data loaded, the model built)
+    assert chosen.epochs - 1 <= plan["planned_epochs"] <= chosen.epochs and auto.line(choice) in r.stdout
+    assert plan["images_per_s"] == chosen.images_per_s and plan["budget_s"] == choice["budget_s"] == 30
+    s = summary(out)
+    assert s["time_budget"]["auto"] == choice and s["preset"] == "fast"
+    assert s["config"]["model"]["widths"] == resolve(auto.candidate_argv(chosen.name, args)).model.widths
+    assert s["config"]["batch_size"] == 500  # the user's flags win over a candidate's
+    again = in_process(train.main, args)  # the choice kept (plan.json), so the finished run is this one
+    assert again.returncode == 0 and "already finished" in again.stdout and "preset auto:" not in again.stdout
+
+
+def test_auto_without_a_budget_or_outside_the_command_line_is_one_line(tmp_path, main_in_process):
+    code, err = main_in_process(train.main, ["--preset", "auto", "--dataset", "synthetic", "--output-dir",
+                                             str(tmp_path / "run")])
+    assert_one_line_error(code, err, "preset auto chooses a training for a time budget: give --time-budget")
+    with pytest.raises(ConfigError, match="preset auto is chosen by train.py's command line"):
+        train.train(resolve(["--preset", "auto", "--time-budget", "1m", "--dataset", "synthetic"]))

@@ -135,6 +135,9 @@ def check_space(space: dict[str, Any], base: dict[str, Any]) -> None:
     firsts = {key: candidates(key, spec)[0] for key, spec in space.items()}
     for key, spec in space.items():  # each value of each key, with the first value of every other key
         for value in candidates(key, spec):
+            if key == "preset" and value == "auto":
+                raise SearchError("search space: preset='auto' is train.py's choice for a time budget; a search "
+                                  "compares the presets it lists itself")
             try:
                 resolve([], {**base, **overrides({**firsts, key: value})})
             except ConfigError as e:
