@@ -79,7 +79,8 @@ def line(auto: dict[str, Any]) -> str:
     """`preset auto: fast, 5 epochs, 92.9 % expected (quick: 2 epochs, 84.1 %)`, for the plan's line."""
     def words(o: dict[str, Any]) -> str:
         acc = f"{o['expected_acc']:.1%}" if o["expected_acc"] is not None else "no table row"
-        return f"{o['name']}, {o['epochs']} epochs, {acc}{'' if o['fits'] else ', does not fit'}"
+        epochs = f"{o['epochs']} epoch{'s' if o['epochs'] != 1 else ''}"
+        return f"{o['name']}, {epochs}, {acc}{'' if o['fits'] else ', does not fit'}"
 
     chosen = next(o for o in auto["options"] if o["name"] == auto["chosen"])
     others = "; ".join(words(o) for o in auto["options"] if o["name"] != auto["chosen"])
