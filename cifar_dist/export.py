@@ -42,7 +42,7 @@ def export(run: Path, batch: int = 64) -> tuple[float, float]:
     model, cfg = load_run(run)
     images = D.load_data(cfg).test.images[:batch].float() / 255
     path = run / "model.onnx"
-    torch.onnx.export(model, (images[:2],), str(path), dynamo=True, external_data=False,
+    torch.onnx.export(model, (images[:2],), str(path), dynamo=True, external_data=False, verbose=False,
                       input_names=["images"], output_names=["logits"],
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
     onnx.checker.check_model(onnx.load(str(path)))

@@ -38,12 +38,27 @@ def feature_maps(model: torch.nn.Module, images: torch.Tensor, channels: int = 8
     for name, fmap in forward_outputs(model, dict(layers(model)), images):
         maps = fmap[:, :channels].float()
         n, k = maps.shape[:2]
+        title = (f"{name}: channels 1-{k} of {fmap.shape[1]}, {fmap.shape[2]}x{fmap.shape[3]} "
+                 f"({'upsampled, ' if maps.shape[-1] < 32 else ''}each map scaled to its own range), one image a row")
         lo = maps.amin(dim=(2, 3), keepdim=True)
         hi = maps.amax(dim=(2, 3), keepdim=True)
         maps = (maps - lo) / (hi - lo).clamp_min(1e-6)
         maps = torch.nn.functional.interpolate(maps, size=32, mode="nearest") if maps.shape[-1] < 32 else maps
-        grids[name] = to_uint8(make_grid(maps.reshape(n * k, 1, *maps.shape[-2:]), nrow=k, padding=2, pad_value=1.0))
+        grid = to_uint8(make_grid(maps.reshape(n * k, 1, *maps.shape[-2:]), nrow=k, padding=2, pad_value=1.0))
+        grids[name] = titled(grid, title)
     return grids
+
+
+def titled(array: np.ndarray, title: str, scale: int = 2) -> np.ndarray:
+    """The picture enlarged `scale` times (pixels kept sharp) under a line of text saying what it shows."""
+    from PIL import ImageDraw
+
+    picture = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.Resampling.NEAREST)
+    width = max(picture.width, 6 * len(title) + 8)  # PIL's default font: about 6 pixels a character
+    canvas = Image.new("RGB", (width, picture.height + 16), "white")
+    canvas.paste(picture.convert("RGB"), (0, 16))
+    ImageDraw.Draw(canvas).text((4, 2), title, fill="black")
+    return np.asarray(canvas)
 
 
 def publish(accelerator: Accelerator, trackers: list[str], pictures: dict[str, np.ndarray], folder: Path,
@@ -84,23 +99,45 @@ def figure_to_array(fig) -> np.ndarray:
 
 
 def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes: list[str], per_row: int = 8,
-                scale: int = 4) -> np.ndarray:
+                scale: int = 4, predicted: torch.Tensor | None = None) -> np.ndarray:
     """Input samples (uint8 NCHW), each enlarged `scale` times (nearest: the pixels the network sees)
-    above its class name. Drawn with Pillow, not matplotlib: every run draws it at its start, and a
+    above its class name; with `predicted` (a trained run's answers), the answer, in red under the true
+    class where it is wrong. Drawn with Pillow, not matplotlib: every run draws it at its start, and a
     grid of subplots took over a second of CPU there."""
     from PIL import ImageDraw
 
     n, (h, w) = len(images), images.shape[-2:]
-    rows, cell_w, cell_h, caption, gap = (n + per_row - 1) // per_row, w * scale, h * scale, 14, 4
+    line = 14
+    caption = line * (1 if predicted is None else 2)
+    rows, cell_w, cell_h, gap = (n + per_row - 1) // per_row, w * scale, h * scale, 4
     canvas = Image.new("RGB", (per_row * (cell_w + gap) + gap, rows * (cell_h + caption + gap) + gap), "white")
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         x, y = gap + (i % per_row) * (cell_w + gap), gap + (i // per_row) * (cell_h + caption + gap)
         picture = Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy())
         canvas.paste(picture.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
-        name = classes[int(labels[i])]
-        draw.text((x + cell_w / 2, y + cell_h + caption / 2), name, fill="black", anchor="mm")
+        true = classes[int(labels[i])]
+        if predicted is None:
+            draw.text((x + cell_w / 2, y + cell_h + line / 2), true, fill="black", anchor="mm")
+            continue
+        answer = classes[int(predicted[i])]
+        right = answer == true
+        draw.text((x + cell_w / 2, y + cell_h + line / 2), f"{answer}" if right else f"said {answer}",
+                  fill="black" if right else "red", anchor="mm")
+        if not right:
+            draw.text((x + cell_w / 2, y + cell_h + 3 * line / 2), f"is {true}", fill="gray", anchor="mm")
     return np.asarray(canvas)
+
+
+@torch.no_grad()
+def predictions(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The classes a model answers for normalised images, in eval mode (its training mode kept)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model.forward(images).argmax(1)  # not __call__: as forward_outputs, past a compiled wrapper
+    finally:
+        model.train(was_training)
 
 
 MAX_ANNOTATED_CLASSES = 20  # beyond, a confusion matrix's cell numbers are unreadable

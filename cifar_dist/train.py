@@ -547,6 +547,10 @@ def finish(run: Run) -> dict[str, Any]:
     if accelerator.is_main_process:
         draw_curves(run, final=True)  # (a time budget may end a run before its planned last epoch)
         feature_maps(run, "final")
+        samples = run.first_images(16)  # the start's samples.png again, with the trained model's answers
+        answers = pictures.predictions(unwrap(accelerator, run.model), run.norm(samples.images))
+        grid = pictures.sample_grid(samples.images, samples.labels, run.data.classes, predicted=answers)
+        pictures.publish(accelerator, run.trackers, {"samples": grid}, run.out, state.step)
         figure = pictures.confusion_figure(confusion, run.data.classes)
         pictures.publish(accelerator, run.trackers, {"confusion_matrix": figure}, run.out, state.step)
         accelerator.log({f"{run.main}/acc_{c}": a for c, a in per_class.items()}, step=state.step)

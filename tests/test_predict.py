@@ -63,6 +63,7 @@ def test_onnx_gives_the_same_answers_as_model_pt(trained, tmp_path):
     run, folder, _ = trained
     r = run_command([sys.executable, "-m", "cifar_dist.export", str(run)], 240, cwd=tmp_path, env=env())
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "[torch.onnx]" not in r.stdout + r.stderr and len(r.stdout.splitlines()) <= 2  # its own lines only
     pt, onnx = predict_cli([str(run), str(folder)], tmp_path), predict_cli([str(run), str(folder), "--onnx"], tmp_path)
     for a, b in zip(pt, onnx):
         assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]

@@ -68,6 +68,10 @@ def test_asha_search_writes_results_and_a_trainable_best_config(tmp_path, train_
         assert all("test_acc" not in m for m in metrics(trial))  # trials never look at the test set
         assert all("val_acc" in m for m in metrics(trial))
     assert "val_acc" in r.stdout and "best:" in r.stdout
+    # ours beside one folder of Ray's own (tuner.pkl, experiment_state-*.json, run_trial_... folders)
+    assert sorted(p.name for p in out.iterdir()) == ["best.yaml", "history.csv", "ray", "results.csv", "search.png",
+                                                     "space.yaml", "trials"]
+    assert (out / "ray" / "tune" / "tuner.pkl").is_file()
     trained = train_here(["--config", str(out / "best.yaml"), "--epochs", "1", "--output-dir", str(tmp_path / "b")])
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert summary(tmp_path / "b")["test_acc"] > 0.3
@@ -250,6 +254,8 @@ def rows_of(path):
     ({"epochs": {"uniform": [1, 3]}}, [], "epochs takes whole numbers; use randint"),
     ({"base_width": {"loguniform": [8, 32]}}, [], "base_width takes whole numbers"),
     ({"optimizer": {"choice": ["sgd", "lion"]}}, [], "optimizer='lion': unknown optimizer 'lion'"),
+    ({"preset": {"grid": ["seed3", "auto"]}, "tiny": False}, ["--trial-budget", "1m"],
+     "search space: preset='auto' is train.py's choice for a time budget"),
     ({}, ["--val-size", "2000"], "--val-size 2000 leaves no training images: the synthetic training set has 2000"),
     ({}, ["--address", "127.0.0.1:9"], "cannot reach the Ray cluster at 127.0.0.1:9"),
     ({}, ["--scheduler", "hyperband"], "argument --scheduler: invalid choice: 'hyperband'"),

@@ -26,12 +26,12 @@ import numpy as np
 
 from cifar_dist import budget, folders, tracking
 from cifar_dist.backends import BACKENDS, is_deepspeed
-from cifar_dist.config import TOP_FIELDS, ConfigError, OneLineParser
+from cifar_dist.config import FOLDER_NEEDS_DIR, TOP_FIELDS, ConfigError, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
 from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
 from cifar_dist.search.space import SearchError, check_mutations, check_space, load_space, merged, population, to_tune
-from cifar_dist.search.trial import run_trial
+from cifar_dist.search.trial import TUNE_DIR, run_trial
 from cifar_dist.settings import allowed, describe
 
 PROG = "tune/search.py"
@@ -132,7 +132,7 @@ def check_args(args: argparse.Namespace) -> None:
 def folder_pictures(data_dir: str) -> int:
     """The training pictures of --dataset folder (before its test split), or one line why there are none."""
     if not data_dir:
-        raise SearchError("--dataset folder needs --data-dir: the folder of your pictures, one folder per class")
+        raise SearchError(FOLDER_NEEDS_DIR)
     try:
         train_dir = folders.layout(Path(data_dir).expanduser())[0]
         return len(folders.listing(train_dir, folders.class_names(train_dir)))
@@ -256,7 +256,6 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    name = search_dir.name
     workers, use_gpu = args.workers_per_trial, args.gpus_per_trial > 0
     per_worker = {"CPU": args.cpus_per_trial, "GPU": args.gpus_per_trial}
     trainable = tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), workers=workers,
@@ -271,13 +270,13 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
         have = ray.cluster_resources()
         args.max_concurrent = max(1, int(min(have.get(k, 0) // v for k, v in trial_needs(args).items() if v)))
     keep = checkpoints_to_keep(args.scheduler, args.perturbation_interval)
-    run_config = tune.RunConfig(name=name, storage_path=str(search_dir.parent.resolve()),
+    run_config = tune.RunConfig(name=TUNE_DIR.name, storage_path=str((search_dir / TUNE_DIR.parent).resolve()),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), verbose=0,
                                 # before the scheduler: PBT never copies a finished trial
                                 stop=None if args.trial_budget else {"epoch": args.max_epochs})
     if args.resume:
-        return tune.Tuner.restore(str(search_dir.resolve()), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(str((search_dir / TUNE_DIR).resolve()), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
     max_t = BUDGETED_MAX_T if args.trial_budget else args.max_epochs  # a budgeted trial ends by its own plan
     scheduler = make_scheduler(args.scheduler, max_t, mutations, args.grace_period, args.reduction_factor,
@@ -299,8 +298,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
     the Ray cluster); the search directory, the space, its mutations and what every trial shares."""
     check_args(args)
     search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
-    if args.resume and not (search_dir / "tuner.pkl").exists():
-        raise SearchError(f"nothing to resume in {search_dir} (no tuner.pkl)")
+    if args.resume and not (search_dir / TUNE_DIR / "tuner.pkl").exists():
+        raise SearchError(f"nothing to resume in {search_dir} (no {TUNE_DIR / 'tuner.pkl'})")
     if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
     space, mutations = load_space(args.space)

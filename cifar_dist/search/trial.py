@@ -23,6 +23,9 @@ from cifar_dist.search.space import trial_config
 
 ORIGIN = "origin.json"  # in every reported checkpoint: the trial, epoch and exploit count that made it
 JOURNAL = ".events.jsonl"  # trials/<id>.events.jsonl
+# Ray's own records, under the search directory beside ours: Tune's experiment (tuner.pkl, its trial folders
+# and checkpoints) and each Ray Train trial's storage
+TUNE_DIR, TRAIN_DIR = Path("ray") / "tune", Path("ray") / "train"
 PREVIOUS_RUN_S = 120  # how long a restarted trial waits for its previous run's workers to be gone
 
 
@@ -58,7 +61,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], search_dir: str, wor
     trainer = TorchTrainer(train_and_report, train_loop_config=config,
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                         resources_per_worker=per_worker),
-                           run_config=RunConfig(name=trial_id, storage_path=str(Path(search_dir) / "ray_train"),
+                           run_config=RunConfig(name=trial_id, storage_path=str(Path(search_dir) / TRAIN_DIR),
                                                 checkpoint_config=CheckpointConfig(num_to_keep=3),
                                                 callbacks=[forward_to_tune(queue)]))
     forward_reports(trainer, queue, trial_dir)
