@@ -160,7 +160,7 @@ def test_auto_candidates_take_the_users_flags_and_keep_their_preset():
 def test_auto_chooses_measures_and_keeps_its_choice_on_a_rerun(tmp_path, in_process):
     out = tmp_path / "run"
     args = ["--preset", "auto", "--time-budget", "30s", "--dataset", "synthetic", "--mixed-precision", "no",
-            "--batch-size", "500", "--output-dir", str(out)]
+            "--batch-size", "200", "--output-dir", str(out)]
     r = in_process(train.main, args)
     assert r.returncode == 0, r.stderr
     plan = json.loads((out / "plan.json").read_text())
@@ -175,7 +175,7 @@ def test_auto_chooses_measures_and_keeps_its_choice_on_a_rerun(tmp_path, in_proc
     s = summary(out)
     assert s["time_budget"]["auto"] == choice and s["preset"] == "fast"
     assert s["config"]["model"]["widths"] == resolve(auto.candidate_argv(chosen.name, args)).model.widths
-    assert s["config"]["batch_size"] == 500  # the user's flags win over a candidate's
+    assert s["config"]["batch_size"] == 200  # the user's flags win over a candidate's
     again = in_process(train.main, args)  # the choice kept (plan.json), so the finished run is this one
     assert again.returncode == 0 and "already finished" in again.stdout and "preset auto:" not in again.stdout
 
