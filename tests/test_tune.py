@@ -362,3 +362,11 @@ def test_a_ray_that_misses_its_start_up_deadline_is_started_again(monkeypatch, c
     assert started[0].poll() is not None  # stopped, and reaped
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tune/search.py:")]  # (and Ray's)
     assert "the local Ray did not start within Ray's 30 s" in line and "starting it again" in line
+
+
+def test_a_search_from_before_ray_dir_resumes_from_where_its_tuner_pkl_is(tmp_path):
+    from cifar_dist.search.cli import tune_dir
+
+    assert tune_dir(tmp_path) == tmp_path / "ray" / "tune"  # a search now: Ray's records under ray/
+    (tmp_path / "tuner.pkl").write_bytes(b"")
+    assert tune_dir(tmp_path) == tmp_path  # one from before keeps its own layout

@@ -276,7 +276,7 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
                                 # before the scheduler: PBT never copies a finished trial
                                 stop=None if args.trial_budget else {"epoch": args.max_epochs})
     if args.resume:
-        return tune.Tuner.restore(str((search_dir / TUNE_DIR).resolve()), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(str(tune_dir(search_dir).resolve()), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False)
     max_t = BUDGETED_MAX_T if args.trial_budget else args.max_epochs  # a budgeted trial ends by its own plan
     scheduler = make_scheduler(args.scheduler, max_t, mutations, args.grace_period, args.reduction_factor,
@@ -293,12 +293,17 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
                       run_config=run_config)
 
 
+def tune_dir(search_dir: Path) -> Path:
+    """Tune's experiment folder of a search: ray/tune/, or the search folder itself (searches before 12/2026)."""
+    return search_dir if (search_dir / "tuner.pkl").exists() else search_dir / TUNE_DIR
+
+
 def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Every check that can fail before a trial starts (the arguments, the search directory, the space,
     the Ray cluster); the search directory, the space, its mutations and what every trial shares."""
     check_args(args)
     search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
-    if args.resume and not (search_dir / TUNE_DIR / "tuner.pkl").exists():
+    if args.resume and not (tune_dir(search_dir) / "tuner.pkl").exists():
         raise SearchError(f"nothing to resume in {search_dir} (no {TUNE_DIR / 'tuner.pkl'})")
     if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
