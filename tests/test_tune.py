@@ -370,3 +370,13 @@ def test_a_search_from_before_ray_dir_resumes_from_where_its_tuner_pkl_is(tmp_pa
     assert tune_dir(tmp_path) == tmp_path / "ray" / "tune"  # a search now: Ray's records under ray/
     (tmp_path / "tuner.pkl").write_bytes(b"")
     assert tune_dir(tmp_path) == tmp_path  # one from before keeps its own layout
+
+
+def test_a_trial_whose_validation_loss_blew_up_is_listed_diverged_not_completed():
+    from cifar_dist.search.report import trial_status
+
+    assert trial_status(False, 3, 3, 14_449_786.0, 10) == "diverged (val loss 14,449,786)"
+    assert trial_status(False, 3, 3, float("nan"), 10) == "diverged (val loss nan)"
+    assert trial_status(False, 3, 3, 2.31, 10) == "completed"  # a hopeless lr: a uniform guess, not diverged
+    assert trial_status(False, 1, 3, 0.9, 10) == "stopped early" and trial_status(True, 3, 3, 0.9, 10) == "failed"
+    assert trial_status(False, 3, 3, 30.0, 100) == "completed"  # 10 x ln 100 = 46

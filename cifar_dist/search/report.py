@@ -5,6 +5,7 @@ trial's settings as it trained, best-replay.sh: that schedule as train.py comman
 from __future__ import annotations
 
 import csv
+import math
 import re
 import shlex
 from pathlib import Path
@@ -36,13 +37,34 @@ def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any], population: boo
         trial = trial_id(r)
         epochs = int(m.get("epoch", 0))
         planned = int(m.get("planned_epochs", max_epochs))  # a trial's own plan under --trial-budget
-        status = "failed" if r.error else ("completed" if epochs >= planned else "stopped early")
+        status = trial_status(bool(r.error), epochs, planned, m.get("val_loss"), num_classes(params, base))
         rows.append(dict(trial=trial, status=status, val_acc=m.get("val_acc"), best_val_acc=best_acc.get(trial),
                          epochs=epochs, params=parameters(params, base),
                          **({"exploits": int(m.get("exploits", 0))} if population else {}),
                          **{k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in params.items()},
                          error=(str(r.error).strip().splitlines() or [""])[-1][:200] if r.error else ""))
     return sorted(rows, key=lambda row: (row["status"] == "failed", row["val_acc"] is None, -(row["val_acc"] or 0)))
+
+
+# A trial whose validation loss ends this many times a uniform guess's (ln of the classes) answers confidently
+# wrong: its weights blew up (a learning rate too high), though no loss became NaN
+DIVERGED_FACTOR = 10
+
+
+def trial_status(failed: bool, epochs: int, planned: int, val_loss: float | None, classes: int) -> str:
+    """failed (it raised), diverged (see DIVERGED_FACTOR), completed, or stopped early (by the scheduler)."""
+    if failed:
+        return "failed"
+    if val_loss is not None and not val_loss <= DIVERGED_FACTOR * math.log(classes):  # (NaN too)
+        return f"diverged (val loss {val_loss:,.0f})"
+    return "completed" if epochs >= planned else "stopped early"
+
+
+def num_classes(params: dict[str, Any], base: dict[str, Any]) -> int:
+    try:
+        return trial_config(params, base).model.num_classes
+    except (ConfigError, SearchError):
+        return 10
 
 
 def trial_id(result: Any) -> str:
