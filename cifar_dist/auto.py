@@ -34,11 +34,10 @@ class Option:
 
 
 def candidate_argv(name: str, argv: list[str]) -> list[str]:
-    """The command line of a candidate: its flags, then the user's (which win), then its preset."""
+    """The command line of a candidate: its flags, then the user's (which win), then its preset again (over
+    the user's `--preset auto`: the last one given counts)."""
     flags = AUTO[name]
-    preset = flags[flags.index("--preset") + 1]
-    rest = [f for i, f in enumerate(flags) if f != "--preset" and (i == 0 or flags[i - 1] != "--preset")]
-    return [*rest, *argv, "--preset", preset]
+    return [*flags, *argv, "--preset", flags[flags.index("--preset") + 1]]
 
 
 def expected_accuracy(rows: list[dict[str, Any]], name: str, epochs: int) -> float | None:
@@ -75,6 +74,11 @@ def record(chosen: Option, options: list[Option], table: dict[str, Any]) -> dict
     return dict(chosen=chosen.name, options=[asdict(o) for o in options], table_machine=table.get("machine", ""))
 
 
+def chosen_option(auto: dict[str, Any]) -> dict[str, Any]:
+    """The chosen option of a record (as plan.json keeps it)."""
+    return next(o for o in auto["options"] if o["name"] == auto["chosen"])
+
+
 def line(auto: dict[str, Any]) -> str:
     """`preset auto: fast, 5 epochs, 92.9 % expected (quick: 2 epochs, 84.1 %)`, for the plan's line."""
     def words(o: dict[str, Any]) -> str:
@@ -82,7 +86,7 @@ def line(auto: dict[str, Any]) -> str:
         epochs = f"{o['epochs']} epoch{'s' if o['epochs'] != 1 else ''}"
         return f"{o['name']}, {epochs}, {acc}{'' if o['fits'] else ', does not fit'}"
 
-    chosen = next(o for o in auto["options"] if o["name"] == auto["chosen"])
+    chosen = chosen_option(auto)
     others = "; ".join(words(o) for o in auto["options"] if o["name"] != auto["chosen"])
     return f"preset auto: {words(chosen)} expected on CIFAR-10" + (f" (not {others})" if others else "")
 
@@ -111,11 +115,12 @@ def choose(argv: list[str], clock: Any) -> tuple[Config, dict[str, Any]]:
     first = next(iter(configs.values()))
     if (kept := kept_choice(first)) is not None:
         return configs[kept["chosen"]], kept
-    state = process_group(deepspeed_asked(None))[0]
+    deepspeed = deepspeed_asked(None)
+    state = process_group(deepspeed)[0]
     choices = {}
     for name, cfg in configs.items():  # every rank: the precision and micro-batch probes are collective
         choices[name] = machine_choices(cfg, state)
-        choices[name].update(micro_batch(cfg, state, choices[name]["mixed_precision"], deepspeed_asked(None)))
+        choices[name].update(micro_batch(cfg, state, choices[name]["mixed_precision"], deepspeed))
     answer = [plan_options(configs, choices, state, clock) if state.is_main_process else None]
     decided = broadcast_object_list(answer)[0]
     if isinstance(decided, str):  # every rank stops with the main process's line

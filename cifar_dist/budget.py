@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cifar_dist.auto import line
 from cifar_dist.config import Config, ConfigError
 from cifar_dist.flops import tta_views
 
@@ -113,8 +114,6 @@ class Plan:
                 f"({self.epoch_s:.1f}s an epoch at {self.images_per_s:,.0f} training images/s measured now, "
                 f"{self.started_after_s:.0f}s of start-up){over}")
         if self.auto:
-            from cifar_dist.auto import line
-
             text = f"{line(self.auto)}\n{text}"
         return text
 

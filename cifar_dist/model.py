@@ -99,10 +99,15 @@ def check_spec(spec: ModelSpec) -> None:
     side = output_size(spec)
     if side < 1:
         raise SpecError(f"the strides {spec.strides} shrink a {spec.image_size}x{spec.image_size} image to nothing")
-    if spec.head == "flatten" and spec.widths[-1] * side * side > MAX_FLATTEN:
+    if spec.head == "flatten" and head_inputs(spec) > MAX_FLATTEN:
         raise SpecError(f"a flatten head cannot take {spec.image_size}x{spec.image_size} images here: its last "
-                        f"{side}x{side}x{spec.widths[-1]} feature map makes {spec.widths[-1] * side * side:,} inputs "
+                        f"{side}x{side}x{spec.widths[-1]} feature map makes {head_inputs(spec):,} inputs "
                         f"to its linear layer (at most {MAX_FLATTEN:,}); use --head gap or a smaller --image-size")
+
+
+def head_inputs(spec: ModelSpec) -> int:
+    """Inputs of the final linear layer: the last stage's channels, times the last map's area for a flatten head."""
+    return spec.widths[-1] * (output_size(spec) ** 2 if spec.head == "flatten" else 1)
 
 
 def output_size(spec: ModelSpec) -> int:
@@ -228,8 +233,7 @@ class ResNet(nn.Module):
                 cin = width
         # A flat list so feature-map hooks can name every block: blocks.0, blocks.1, ...
         self.blocks = nn.Sequential(*blocks)
-        linear = nn.Linear(cin * (output_size(spec) ** 2 if spec.head == "flatten" else 1), spec.num_classes,
-                           bias=spec.head_bias)
+        linear = nn.Linear(head_inputs(spec), spec.num_classes, bias=spec.head_bias)
         poolings: dict[str, list[nn.Module]] = {"gap": [nn.AdaptiveAvgPool2d(1)], "max": [nn.AdaptiveMaxPool2d(1)],
                                                 "flatten": []}
         pooling = poolings[spec.head]

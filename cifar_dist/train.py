@@ -24,6 +24,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from cifar_dist import auto, budget, flops, machine, pictures, tracking
 from cifar_dist import data as D
+from cifar_dist.auto import chosen_option
 from cifar_dist.config import Config, ConfigError, resolve, save_yaml, to_dict
 from cifar_dist.distributed import (
     configure_deepspeed,
@@ -246,7 +247,7 @@ def main_budget(cfg: Config, accelerator: Accelerator, choices: dict[str, Any], 
     and the world's training rate, from this config's own step (its optimizer, precision and micro-batch),
     which --preset auto measured already."""
     if auto is not None:
-        return auto["budget_s"], next(o["images_per_s"] for o in auto["options"] if o["name"] == auto["chosen"])
+        return auto["budget_s"], chosen_option(auto)["images_per_s"]
     try:
         budget_s = budget.budget_seconds(cfg.time_budget, clock())
     except ConfigError as e:

@@ -37,9 +37,10 @@ def trial_rows(grid: Any, max_epochs: int, base: dict[str, Any], population: boo
         trial = trial_id(r)
         epochs = int(m.get("epoch", 0))
         planned = int(m.get("planned_epochs", max_epochs))  # a trial's own plan under --trial-budget
-        status = trial_status(bool(r.error), epochs, planned, m.get("val_loss"), num_classes(params, base))
+        cfg = config_of(params, base)
+        status = trial_status(bool(r.error), epochs, planned, m.get("val_loss"), cfg.model.num_classes if cfg else 10)
         rows.append(dict(trial=trial, status=status, val_acc=m.get("val_acc"), best_val_acc=best_acc.get(trial),
-                         epochs=epochs, params=parameters(params, base),
+                         epochs=epochs, params=count_params(build_model(cfg.model)) if cfg else None,
                          **({"exploits": int(m.get("exploits", 0))} if population else {}),
                          **{k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in params.items()},
                          error=(str(r.error).strip().splitlines() or [""])[-1][:200] if r.error else ""))
@@ -60,13 +61,6 @@ def trial_status(failed: bool, epochs: int, planned: int, val_loss: float | None
     return "completed" if epochs >= planned else "stopped early"
 
 
-def num_classes(params: dict[str, Any], base: dict[str, Any]) -> int:
-    try:
-        return trial_config(params, base).model.num_classes
-    except (ConfigError, SearchError):
-        return 10
-
-
 def trial_id(result: Any) -> str:
     """A trial's id, from its Tune directory (run_trial_<id>_<index>_<tag>_<date>): its last metrics may be
     a donor's (PBT hands a trial the result of the checkpoint it copies)."""
@@ -74,9 +68,10 @@ def trial_id(result: Any) -> str:
     return found.group(1) if found else str((result.metrics or {}).get("trial_id", Path(result.path or "?").name))
 
 
-def parameters(params: dict[str, Any], base: dict[str, Any]) -> int | None:
+def config_of(params: dict[str, Any], base: dict[str, Any]) -> Config | None:
+    """A trial's Config, or None where its settings no longer make one."""
     try:
-        return count_params(build_model(trial_config(params, base).model))
+        return trial_config(params, base)
     except (ConfigError, SearchError):
         return None
 
