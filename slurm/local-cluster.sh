@@ -47,10 +47,12 @@ write_conf() {
   cpus=$(nproc)
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 4 ))
   mkdir -p "$DIR/state" "$DIR/spool"
+  # Ports outside Ray's worker ports (10002-19999) and the kernel's ephemeral range (32768-): a Ray search
+  # beside the cluster (the test suite's, a user's) held 16817 once, and slurmctld could not start
   cat > "$CONF" <<EOF
 ClusterName=cifardist
 SlurmctldHost=$host(127.0.0.1)
-SlurmctldPort=${SLURMCTLD_PORT:-16817}
+SlurmctldPort=${SLURMCTLD_PORT:-26817}
 SlurmUser=root
 AuthType=auth/munge
 # A requeued job waits cred_expire seconds (default 120) before it can start again
@@ -71,7 +73,7 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MinJobAge=300
-NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=${SLURMD_PORTS:-17001-17002} CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=${SLURMD_PORTS:-27001-27002} CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=local Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
 }
