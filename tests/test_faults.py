@@ -4,14 +4,17 @@ last good checkpoint, says so in one line, and the same command goes on once the
 import functools
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from cifar_dist import train
 from cifar_dist.rundir import MANIFEST, checkpoints, damage
+from cifar_dist.search.storage import PARTIAL, whole_files
 
-from conftest import TINY, metrics, summary, train_once
+from conftest import TINY, metrics, summary, train_once, wait_for_file
 
 pytestmark = pytest.mark.timeout(300)
 ARGS = [*TINY, "--epochs", "3", "--train-subset", "1000", "--test-subset", "200"]
@@ -153,3 +156,26 @@ def test_a_disk_that_fills_mid_run_stops_with_one_line_and_the_same_command_resu
     assert code == 0, err
     assert [m["epoch"] for m in metrics(out)] == [1, 2, 3]
     assert summary(out)["rank_weight_digests"] == summary(reference)["rank_weight_digests"]
+
+
+def test_a_search_killed_while_tune_writes_its_state_leaves_the_last_whole_file(tmp_path):
+    """Tune's experiment state goes through search/storage.py: a writer killed mid-file (SIGKILL: a lost
+    node) leaves the previous file whole beside a partial one, not a file cut short; a finished copy (as
+    Tune's sync makes it, pyarrow.fs.copy_files) replaces it whole."""
+    state = tmp_path / "experiment_state-1.json"
+    state.write_text('{"trial_data": "old"}')
+    writer = ("import sys, time\nfrom cifar_dist.search.storage import whole_files\n"
+              "with whole_files().open_output_stream(sys.argv[1]) as f:\n"
+              "    f.write(b'{\"trial_data\": \"ne'); f.flush(); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(state)], stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_file(Path(f"{state}{PARTIAL}{proc.pid}"), timeout=60), proc.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    assert state.read_text() == '{"trial_data": "old"}'  # never a part of the new one
+    new = tmp_path / "staging" / state.name
+    new.parent.mkdir()
+    new.write_text('{"trial_data": "new"}')
+    pafs.copy_files(str(new), str(state), destination_filesystem=whole_files())
+    assert state.read_text() == '{"trial_data": "new"}'

@@ -31,6 +31,7 @@ from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
 from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
 from cifar_dist.search.space import SearchError, check_mutations, check_space, load_space, merged, population, to_tune
+from cifar_dist.search.storage import whole_files
 from cifar_dist.search.trial import TUNE_DIR, run_trial
 from cifar_dist.settings import allowed, describe
 
@@ -270,14 +271,16 @@ def make_tuner(args: argparse.Namespace, space: dict[str, Any], mutations: dict[
         have = ray.cluster_resources()
         args.max_concurrent = max(1, int(min(have.get(k, 0) // v for k, v in trial_needs(args).items() if v)))
     keep = checkpoints_to_keep(args.scheduler, args.perturbation_interval)
+    # every file of Tune's written whole (search/storage.py): a search killed while writing one resumes
     run_config = tune.RunConfig(name=TUNE_DIR.name, storage_path=str((search_dir / TUNE_DIR.parent).resolve()),
+                                storage_filesystem=whole_files(),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=keep), verbose=0,
                                 # before the scheduler: PBT never copies a finished trial
                                 stop=None if args.trial_budget else {"epoch": args.max_epochs})
     if args.resume:
         return tune.Tuner.restore(str(tune_dir(search_dir).resolve()), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False)
+                                  resume_errored=False, storage_filesystem=whole_files())
     max_t = BUDGETED_MAX_T if args.trial_budget else args.max_epochs  # a budgeted trial ends by its own plan
     scheduler = make_scheduler(args.scheduler, max_t, mutations, args.grace_period, args.reduction_factor,
                                args.perturbation_interval, args.quantile_fraction)

@@ -1,0 +1,109 @@
+"""Where Tune keeps a search's state: the local disk, every file written whole or not at all.
+
+Tune writes its experiment state (`experiment_state-*.json`, every trial's config and status) by copying
+it from a staging folder into the search folder, over the last one. A search killed during that copy (a
+lost node, an OOM kill, `kill -9`) left the file empty, and `--resume` then restored a trial with an
+empty config: it would have trained another model in the trial's folder (refused there, as every run
+with another config is). Written through this file system, each file goes to a temporary name and is
+renamed over the real one once complete, so a reader finds the old file or the new one, never a part.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+PARTIAL = ".partial-"  # a file being written: <name>.partial-<pid>, renamed to <name> when complete
+
+
+class _Whole:
+    """A file object that writes `path` under a temporary name and renames it into place on close."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.tmp = path, f"{path}{PARTIAL}{os.getpid()}"
+        self.f = open(self.tmp, "wb")
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.f.close()
+            os.replace(self.tmp, self.path)
+            self.closed = True
+
+
+class WholeFiles(pafs.FileSystemHandler):
+    """pyarrow's local file system, except that a file written or copied appears whole or not at all."""
+
+    def __init__(self) -> None:
+        self.fs = pafs.LocalFileSystem()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WholeFiles)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def get_type_name(self) -> str:
+        return "cifar-dist-whole-files"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path: str) -> None:
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("cifar-dist will not empty the root directory")
+
+    def delete_file(self, path: str) -> None:
+        self.fs.delete_file(path)
+
+    def move(self, src: str, dest: str) -> None:
+        self.fs.move(src, dest)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with open(src, "rb") as f:
+            whole = _Whole(dest)
+            shutil.copyfileobj(f, whole.f)
+            whole.close()
+
+    def open_input_stream(self, path: str) -> Any:
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path: str) -> Any:
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path: str, metadata: Any = None) -> Any:
+        return pa.PythonFile(_Whole(path), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any = None) -> Any:
+        return self.fs.open_append_stream(path)
+
+
+def whole_files() -> pafs.FileSystem:
+    """The file system a search gives Tune for its storage."""
+    return pafs.PyFileSystem(WholeFiles())
