@@ -160,30 +160,44 @@ def another_ray():
     kill_tree(proc)
 
 
-ENGINE = {"ddp": "DistributedDataParallel", "deepspeed-zero2": "DeepSpeedEngine"}
-TYPE = {"ddp": "MULTI_CPU", "deepspeed-zero2": "DEEPSPEED"}
-
-
 @pytest.mark.xdist_group("ray-a")
-@pytest.mark.parametrize("backend", ["ddp", "deepspeed-zero2"])
-def test_pbt_with_two_worker_trials(tmp_path, another_ray, backend):
+def test_pbt_with_two_worker_trials(tmp_path, another_ray):
     """A good and a hopeless lr, side by side (PBT runs a population of Ray Train trials at once): the
-    hopeless one copies a checkpoint the good one's 2 workers saved, and goes on from it on 2 workers,
-    beside another Ray on the machine. One perturbation: each one restarts both trials' workers (about
-    35 s alone here, 2.5x that beside the other test worker in CI), and one is what this tests."""
+    hopeless one copies a checkpoint the good one's 2 DeepSpeed workers saved, and goes on from it on 2
+    workers, beside another Ray on the machine. One perturbation: each one restarts both trials' workers
+    (4 trial starts of 9 processes each, about 180 CPU-seconds), and one is what this tests. DeepSpeed's
+    sharded checkpoint is the harder copy; a DDP trial's checkpoint is the one the 1-worker searches copy,
+    and its 2-worker world is the test below."""
     out = tmp_path / "s"
     sp = space(tmp_path, lr={"grid": [0.05, 1e-5]}, mutate=MUTATE["pbt"])
     r = search(["--space", sp, "--scheduler", "pbt", "--num-samples", "1", "--max-epochs", "2", "--perturbation-interval",
-                "1", "--mixed-precision", "no", "--backend", backend, "--workers-per-trial", "2", "--cpus-per-trial",
-                "0.45", "--output-dir", str(out)], tmp_path)
+                "1", "--mixed-precision", "no", "--backend", "deepspeed-zero2", "--workers-per-trial", "2",
+                "--cpus-per-trial", "0.45", "--output-dir", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_exploits_continue_from_donors(out, r.stdout)
     assert {row["status"] for row in rows(out)} == {"completed"}
-    for trial in (out / "trials").iterdir():
-        if trial.is_dir():  # one world of 2 workers, DeepSpeed's own engine where it was asked for
-            s = summary(trial)
-            assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
-            assert s["engine"] == ENGINE[backend] and s["distributed_type"] == f"DistributedType.{TYPE[backend]}"
+    assert_two_worker_worlds(out, "DeepSpeedEngine", "DEEPSPEED")
+
+
+@pytest.mark.xdist_group("ray-a")
+def test_a_two_worker_ddp_trial_is_one_world(tmp_path, another_ray):
+    """--workers-per-trial 2 with DDP: each trial is one world of 2 Ray Train workers (one trial start)."""
+    out = tmp_path / "s"
+    r = search(["--space", space(tmp_path, lr=0.05), "--num-samples", "1", "--max-epochs", "1", "--mixed-precision",
+                "no", "--workers-per-trial", "2", "--cpus-per-trial", "0.45", "--output-dir", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["status"] for row in rows(out)] == ["completed"]
+    assert_two_worker_worlds(out, "DistributedDataParallel", "MULTI_CPU")
+
+
+def assert_two_worker_worlds(out, engine, distributed_type):
+    """Every trial one world of 2 workers, with the same weights on both, DeepSpeed's own engine where it was asked for."""
+    trials = [t for t in (out / "trials").iterdir() if t.is_dir()]
+    assert trials
+    for trial in trials:
+        s = summary(trial)
+        assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+        assert s["engine"] == engine and s["distributed_type"] == f"DistributedType.{distributed_type}"
 
 
 def journal(out, trial):
