@@ -1,15 +1,19 @@
 """The README and the docs site: built strictly, the flags page generated, and every command they show
 either run (the quick start on generated data) or, where it needs real data, a GPU or a cluster, parsed
 by the program it calls, so a renamed flag fails here."""
+import html
 import re
 import shlex
 import shutil
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, env, run
+from bench.page import records
+
+from conftest import ROOT, TINY, env, run, summary, train_once
 
 pytestmark = pytest.mark.timeout(300)
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -45,8 +49,17 @@ def test_the_docs_site_builds_strictly_and_a_broken_anchor_fails_it(tmp_path):
                 env=env())
     assert built.returncode == 0, built.stderr[-3000:]
     assert (tmp_path / "site" / "flags.html").is_file() and (tmp_path / "site" / "results" / "search-pbt.png").is_file()
+    results = (tmp_path / "site" / "results.html").read_text()
+    assert "<!-- records:" not in results  # every marker became its table
+    for record in records("accuracy") + records("budget"):  # the numbers are the records', with their command
+        assert html.escape(record["command"], quote=False) in results
+    for record in records("accuracy"):
+        assert f"{record['mean']:.2f} ± {record['std']:.2f} %" in results
+    for row in records("budget")[-1]["rows"]:
+        assert f"{row['wall_s']} s</td>" in results and f"{row['test_acc']} %</td>" in results
     copy = tmp_path / "copy"
     shutil.copytree(ROOT / "docs", copy / "docs")
+    shutil.copytree(ROOT / "bench", copy / "bench")
     shutil.copy(ROOT / "mkdocs.yml", copy)
     page = copy / "docs" / "training.md"
     page.write_text(page.read_text() + "\nSee [the flags](flags.md#no-such-section).\n")
@@ -105,3 +118,25 @@ def test_the_readme_quick_start_trains_and_predicts_as_shown(tmp_path):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     lines = predicted.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("holiday_photos/sea.png") is not lines[1].startswith("holiday")
+
+
+def test_the_results_pictures_are_drawn_from_the_records_and_a_runs_own(tmp_path):
+    """`python -m bench.page`: the accuracy-against-FLOPs plot from the committed records; `--run`: a
+    finished run's own pictures and a record of the run, which the results page's table then shows."""
+    from bench import page
+
+    out = page.plot(page.RESULTS, tmp_path / "plot.png")
+    picture = np.asarray(Image.open(out).convert("L"), dtype=float)
+    assert picture.shape[0] > 300 and picture.std() > 10  # drawn, not blank
+    run_dir = tmp_path / "run"
+    train_once([*TINY, "--epochs", "1", "--train-subset", "400", "--test-subset", "100", "--output-dir", str(run_dir)])
+    results = tmp_path / "results"
+    results.mkdir()
+    copied = page.publish_run(run_dir, "tiny", results)
+    maps = ["feature_maps/final/stem.png", "feature_maps/final/block0.png"]  # blocks 0 and 1: the middle one
+    assert [p.name for p in copied] == ["tiny-curves.png", "tiny-samples.png", "tiny-confusion_matrix.png",
+                                        "tiny-feature-map-stem.png", "tiny-feature-map-block0.png"]
+    assert all(p.read_bytes() == (run_dir / name).read_bytes() for p, name in zip(copied, page.RUN_PICTURES + maps))
+    (record,) = page.records("pictures", results)
+    assert record["test_acc"] == summary(run_dir)["test_acc"] and record["epochs"] == 1
+    assert f"{record['test_acc']:.2%}" in page.render("pictures", results)
