@@ -109,6 +109,11 @@ def launch_precision() -> str | None:
     return value if explicit else None
 
 
+def launch_default_precision() -> bool:
+    """Whether `accelerate launch` set ACCELERATE_MIXED_PRECISION to its default 'no' without being asked."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION") == "no" and launch_precision() is None
+
+
 # --- CPU threads ------------------------------------------------------------------------------------
 
 def cpu_threads(cfg: Config) -> tuple[int, str]:

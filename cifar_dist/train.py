@@ -342,6 +342,10 @@ def precision_line(run: Run) -> str:
     c = run.choices
     line = f"precision: {c['mixed_precision']}" + (f" (asked {c['mixed_precision_asked']})"
                                                         if c["mixed_precision_asked"] != c["mixed_precision"] else "")
+    if c["mixed_precision_asked"] == "auto" != c["mixed_precision"] and machine.launch_default_precision():
+        # accelerate launch without --mixed_precision has just printed that it "was set to a value of 'no'"
+        line = line[:-1] + ("; accelerate launch's 'no' above is its default, not a choice: "
+                            "--mixed-precision no for fp32)")
     if probe := c["precision_probe"]:
         line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {probe['batch']}, "
                  f"{'cached' if probe['cached'] else 'measured now'})")
