@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -14,7 +15,7 @@ from cifar_dist import train
 from cifar_dist.rundir import MANIFEST, checkpoints, damage
 from cifar_dist.search.storage import PARTIAL, whole_files
 
-from conftest import TINY, metrics, summary, train_once, wait_for_file
+from conftest import TINY, metrics, summary, train_once
 
 pytestmark = pytest.mark.timeout(300)
 ARGS = [*TINY, "--epochs", "3", "--train-subset", "1000", "--test-subset", "200"]
@@ -169,7 +170,14 @@ def test_a_search_killed_while_tune_writes_its_state_leaves_the_last_whole_file(
               "    f.write(b'{\"trial_data\": \"ne'); f.flush(); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", writer, str(state)], stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for_file(Path(f"{state}{PARTIAL}{proc.pid}"), timeout=60), proc.stderr
+        deadline = time.monotonic() + 60
+        def written() -> list[Path]:
+            return [p for p in tmp_path.glob(f"{state.name}{PARTIAL}*") if p.stat().st_size]
+
+        while not (partial := written()) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        assert partial and partial[0].read_bytes() == b'{"trial_data": "ne'  # the new file, part written
     finally:
         proc.kill()
         proc.wait()

@@ -5,30 +5,38 @@ it from a staging folder into the search folder, over the last one. A search kil
 lost node, an OOM kill, `kill -9`) left the file empty, and `--resume` then restored a trial with an
 empty config: it would have trained another model in the trial's folder (refused there, as every run
 with another config is). Written through this file system, each file goes to a temporary name and is
-renamed over the real one once complete, so a reader finds the old file or the new one, never a part.
+renamed over the real one once complete, so after a killed process a reader finds the old file or the new
+one, never a part. (Not a machine's power loss: nothing is fsynced, which would slow every checkpoint.)
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-PARTIAL = ".partial-"  # a file being written: <name>.partial-<pid>, renamed to <name> when complete
+PARTIAL = ".partial-"  # a file being written: <name>.partial-<random>, renamed to <name> when complete
 
 
 class _Whole:
-    """A file object that writes `path` under a temporary name and renames it into place on close."""
+    """A file object that writes `path` under a temporary name beside it and renames it into place on
+    close; a write or close that fails removes the temporary file and leaves `path` as it was."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.tmp = path, f"{path}{PARTIAL}{os.getpid()}"
-        self.f = open(self.tmp, "wb")
-        self.closed = False
+        directory, name = os.path.split(path)
+        fd, self.tmp = tempfile.mkstemp(prefix=name + PARTIAL, dir=directory or ".")
+        self.path, self.f, self.closed = path, os.fdopen(fd, "wb", buffering=0), False  # pyarrow buffers
 
     def write(self, data: Any) -> int:
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except BaseException:
+            self.discard()
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -37,10 +45,21 @@ class _Whole:
         return self.f.tell()
 
     def close(self) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:
             self.f.close()
             os.replace(self.tmp, self.path)
-            self.closed = True
+        except BaseException:
+            self.discard()
+            raise
+        self.closed = True
+
+    def discard(self) -> None:
+        self.closed = True
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
 
 class WholeFiles(pafs.FileSystemHandler):
@@ -54,6 +73,9 @@ class WholeFiles(pafs.FileSystemHandler):
 
     def __ne__(self, other: object) -> bool:
         return not self == other
+
+    def __hash__(self) -> int:
+        return hash(WholeFiles)
 
     def get_type_name(self) -> str:
         return "cifar-dist-whole-files"
@@ -86,10 +108,14 @@ class WholeFiles(pafs.FileSystemHandler):
         self.fs.move(src, dest)
 
     def copy_file(self, src: str, dest: str) -> None:
-        with open(src, "rb") as f:
-            whole = _Whole(dest)
-            shutil.copyfileobj(f, whole.f)
-            whole.close()
+        whole = _Whole(dest)
+        try:
+            with open(src, "rb") as f:
+                shutil.copyfileobj(f, whole.f)
+        except BaseException:
+            whole.discard()
+            raise
+        whole.close()
 
     def open_input_stream(self, path: str) -> Any:
         return self.fs.open_input_stream(path)
