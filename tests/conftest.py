@@ -11,7 +11,6 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -43,6 +42,9 @@ _deadline = [float("inf")]
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """The test's deadline: its timeout marker (or the ini's), from the start of its set-up, as
     pytest-timeout counts it."""
+    if item.nodeid in _ungrouped:
+        pytest.fail(f"pytest-xdist {version('pytest-xdist')} ignored this test's xdist_group under pytest "
+                    f"{pytest.__version__}: install the versions pyproject.toml's dev extra allows", pytrace=False)
     marker = item.get_closest_marker("timeout")
     limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout") or "inf")
     _deadline[0] = time.monotonic() + limit - MARGIN_S
@@ -69,14 +71,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{','.join(shared)}"))
 
 
-def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+_ungrouped: set[str] = set()  # tests whose xdist_group pytest-xdist dropped (see below)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
     """Under --dist loadgroup, pytest-xdist sends a group to one worker by a suffix of each test's id
     (`...@group`). Under pytest 9.2 it could not set it (pytest keeps the id elsewhere now) and ignored
     the groups without a word: three SLURM clusters on the same ports at once, every shared run once per
-    worker. Every session here has groups (the shared runs'): none in the ids stops it at once, saying why."""
-    if node.config.getvalue("dist") == "loadgroup" and ids and not any("@" in i for i in ids):
-        pytest.exit(f"pytest-xdist {version('pytest-xdist')} ignored every xdist_group under pytest {pytest.__version__}: "
-                    "install the versions pyproject.toml's dev extra allows (pip install -e \".[dev]\")", returncode=4)
+    worker. Such a test fails at once instead, saying why (before its fixtures start anything)."""
+    if getattr(session.config.option, "loadgroup", False):
+        _ungrouped.update(item.nodeid for item in session.items
+                          if item.get_closest_marker("xdist_group") and "@" not in item.nodeid)
 
 
 def time_left(wanted: float) -> float:
