@@ -11,6 +11,7 @@ No torch here: the docs build imports this.
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import shutil
 import sys
@@ -34,7 +35,7 @@ def records(kind: str, results: Path = RESULTS) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table; a `|` inside a cell (a shell pipe) escaped."""
     def cell(v: Any) -> str:
-        return str(v).replace("|", "\\|")
+        return str(v).replace("|", "&#124;")
     lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
     return "\n".join(lines + ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows])
 
@@ -45,7 +46,9 @@ def joined(values: list[Any]) -> str:
 
 def where(r: dict[str, Any]) -> dict[str, str]:
     """The columns every figure carries: when, on what, by which command."""
-    return {"date": r["date"], "machine": r["machine"], "command": f"`{r['command']}`"}
+    # <code> rather than backticks: a `|` escaped inside backticks shows its backslash
+    command = html.escape(r["command"], quote=False)
+    return {"date": r["date"], "machine": r["machine"], "command": f"<code>{command}</code>"}
 
 
 def accuracy_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,7 +59,8 @@ def accuracy_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return f"{seconds[0]:,} s" if seconds else ""
     return [{"preset / recipe": f"`{r['preset']}` / {r['recipe']}", "epochs": r["epochs"],
              "training PFLOP": f"{r['train_flops'] / 1e15:.3f}",
-             "test accuracy": f"**{r['mean']:.2f} ± {r['std']:.2f} %** (n={r['n']}: {joined(r['test_acc'])})",
+             "test accuracy": (f"**{r['mean']:.2f} ± {r['std']:.2f} %** (n={r['n']}: {joined(r['test_acc'])})"
+                               if r["n"] > 1 else f"**{r['mean']:.2f} %** (n=1)"),
              "time per run": spread(r), **where(r)} for r in rs]
 
 
@@ -68,7 +72,7 @@ def budget_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def auto_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"training": row["candidate"], "epochs": row["epochs"], "test accuracy": f"{row['test_acc']:.2%}",
+    return [{"training": row["candidate"], "epochs": row["epochs"], "test accuracy": f"{100 * row['test_acc']:.2f} %",
              "seconds": row["seconds"], "precision": row["mixed_precision"], **where(r)}
             for r in rs[-1:] for row in r["rows"]]
 
@@ -76,7 +80,8 @@ def auto_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def time_to_accuracy_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def target(r: dict[str, Any], name: str) -> float:
         return r["high_target"] if name == "94" else r["target"]
-    return [{"row": name, "target": f"{target(r, name):.1%}", "seconds": f"{row['seconds']:,.0f}",
+    return [{"row": name, "target": f"{100 * target(r, name):.1f} %",
+             "seconds": "never reached" if row["seconds"] is None else f"{row['seconds']:,.0f}",
              "precision": row["precision"], **where(r)} for r in rs for name, row in r.get("rows", {}).items()]
 
 
@@ -99,21 +104,22 @@ def folders_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def elastic_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"preset": r["preset"], "world sizes": " → ".join([*(str(x["world_size"]) for x in r["resumes"]),
-                                                               str(r["world_size_at_end"])]),
+    return [{"preset": r["preset"],  # the world it started in, then the one of each resume
+             "world sizes": " → ".join(str(w) for w in [r["resumes"][0]["saved_by"],
+                                                         *(x["world_size"] for x in r["resumes"])]),
              "test accuracy": f"{r['test_acc']} %", "uninterrupted seeds": joined(r["uninterrupted"]),
              "wall-clock": f"{r['wall_seconds']:,} s", **where(r)} for r in rs]
 
 
 def search_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"scheduler": r["scheduler"], "trials": r["trials"], "epochs trained": r["trial_epochs"],
-             "exploits": r["exploits"], "best val accuracy": f"{r['best_val_acc']:.1%}",
+             "exploits": r["exploits"], "best val accuracy": f"{100 * r['best_val_acc']:.1f} %",
              "wall-clock": f"{r['wall_seconds']:,} s", **where(r)} for r in rs]
 
 
 def pictures_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"pictures": r["name"], "run": f"`{r['preset']}` / {r['recipe']}, {r['epochs']} epochs, {r['precision']}",
-             "test accuracy": f"{r['test_acc']:.2%}", "seconds": f"{r['seconds']:,}", **where(r)} for r in rs]
+             "test accuracy": f"{100 * r['test_acc']:.2f} %", "seconds": f"{r['seconds']:,}", **where(r)} for r in rs]
 
 
 ROWS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
@@ -123,7 +129,8 @@ ROWS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
 
 
 def render(kind: str, results: Path = RESULTS) -> str:
-    """The markdown table of every record of bench/results/<kind>.jsonl, oldest first."""
+    """The markdown table of bench/results/<kind>.jsonl's records, oldest first (`auto`: the newest, the
+    table the code reads; `time_to_accuracy`: the records with rows, the bench's format since 11/28)."""
     rows = ROWS[kind](records(kind, results))
     return table(rows, list(rows[0])) if rows else f"(no records in bench/results/{kind}.jsonl yet)"
 

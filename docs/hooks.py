@@ -25,6 +25,14 @@ def on_files(files: Files, config: Any) -> Files:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from bench.page import render
+    from bench.page import ROWS, render
 
-    return MARKER.sub(lambda m: render(m.group(1)), markdown)
+    def table(m: re.Match[str]) -> str:
+        if m.group(1) not in ROWS:
+            raise ValueError(f"{page.file.src_path}: no records named {m.group(1)!r} (known: {', '.join(ROWS)})")
+        return render(m.group(1))
+
+    markdown = MARKER.sub(table, markdown)
+    if left := re.search(r"<!--\s*records\b.*?-->", markdown):  # a marker mistyped: it would show nothing
+        raise ValueError(f"{page.file.src_path}: {left.group(0)} is not a records marker (<!-- records: KIND -->)")
+    return markdown
