@@ -342,7 +342,7 @@ def precision_line(run: Run) -> str:
     c = run.choices
     line = f"precision: {c['mixed_precision']}" + (f" (asked {c['mixed_precision_asked']})"
                                                         if c["mixed_precision_asked"] != c["mixed_precision"] else "")
-    if c["mixed_precision_asked"] == "auto" != c["mixed_precision"] and machine.launch_default_precision():
+    if c["mixed_precision_asked"] == "auto" and c["mixed_precision"] != "no" and machine.launch_default_precision():
         # accelerate launch without --mixed_precision has just printed that it "was set to a value of 'no'"
         line = line[:-1] + ("; accelerate launch's 'no' above is its default, not a choice: "
                             "--mixed-precision no for fp32)")
