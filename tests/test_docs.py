@@ -120,6 +120,23 @@ def test_the_readme_quick_start_trains_and_predicts_as_shown(tmp_path):
     assert len(lines) == 2 and lines[0].startswith("holiday_photos/sea.png") is not lines[1].startswith("holiday")
 
 
+def test_the_docs_quick_commands_run_as_shown(tmp_path):
+    """Every command of the docs pages that trains on generated data through accelerate launch, run as
+    shown (the README's is the quick start above; the sbatch ones are what the SLURM tests submit)."""
+    quick = [(page, c) for page, c in commands()
+             if page != "README.md" and "--dataset synthetic" in c and "accelerate launch" in c]
+    assert quick  # docs/distributed.md's two CPU processes, today
+    for page, command in quick:
+        words, extra = shlex.split(command), {}
+        while "=" in words[0]:  # VAR=value before the command
+            name, value = words.pop(0).split("=", 1)
+            extra[name] = value
+        words[words.index("cifar_dist/train.py")] = str(ROOT / "cifar_dist" / "train.py")
+        r = run(words, 240, cwd=tmp_path, env=env(**extra))
+        assert r.returncode == 0, f"{page}: {command}\n{r.stderr[-3000:]}"
+        assert "done: test acc" in r.stdout, f"{page}: {command}\n{r.stdout[-3000:]}"
+
+
 def test_the_results_pictures_are_drawn_from_the_records_and_a_runs_own(tmp_path):
     """`python -m bench.page`: the accuracy-against-FLOPs plot from the committed records; `--run`: a
     finished run's own pictures and a record of the run, which the results page's table then shows."""
