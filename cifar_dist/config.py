@@ -269,22 +269,40 @@ def _coerce(value: Any, typ: Any, meta: dict[str, Any], key: str, source: str) -
         raise ConfigError(f"{key} in {source} must be {getattr(typ, '__name__', typ)}, got {value!r}") from None
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """--help with each flag's default, where it has one and its own words do not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, "", False, argparse.SUPPRESS) \
+                and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse adds usage)
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
-def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description="Train a ResNet on CIFAR-10 (see docs/training.md).",
-                argument_default=argparse.SUPPRESS)
+def build_parser(prog: str = "cifar_dist.train", defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags of every Config field; `defaults`: each help ends with the field's default (--help)."""
+    p = OneLineParser(prog=prog, description="Train a ResNet on CIFAR-10 (see docs/training.md). The defaults "
+                      "shown are the default recipe's: a --preset or --recipe sets its own first (docs/presets.md).",
+                      argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML config file (e.g. a run's config.yaml); flags override it")
+    values = to_dict(Config())
+    values.update(values.pop("model"))
     for name, (typ, meta) in {**TOP_FIELDS, **MODEL_FIELDS}.items():
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        text, value = describe(typ, meta), values[name]
+        if defaults and value not in ("", None) and "default" not in meta["help"]:  # (its own words say it)
+            text += f" (default: {','.join(map(str, value)) if isinstance(value, list) else value})".replace("%", "%%")
         if typ is bool:
-            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=describe(typ, meta))
+            p.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(*flags, dest=name, type=str, help=describe(typ, meta), metavar=metavar(typ, meta))
+            p.add_argument(*flags, dest=name, type=str, help=text, metavar=metavar(typ, meta))
     return p
 
 
@@ -324,7 +342,7 @@ def flags_markdown() -> str:
     """The table of every train.py flag in docs/flags.md: `python -m cifar_dist.config`."""
     defaults = {k: v for k, v in to_dict(Config()).items() if k != "model"}
     rows = ["| flag | default | what it does |", "| --- | --- | --- |"]
-    for a in build_parser()._actions:
+    for a in build_parser(defaults=False)._actions:  # the table has a column of its own for them
         if not a.option_strings or a.dest == "help":
             continue
         flag = f"`{a.option_strings[0]}`" + (f" / `--no-{a.option_strings[0][2:]}`" if a.nargs == 0 else "")

@@ -48,3 +48,16 @@ def test_unknown_key_in_file(tmp_path):
     (tmp_path / "c.yaml").write_text("learning_rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown setting 'learning_rate'"):
         resolve(["--config", str(tmp_path / "c.yaml")])
+
+
+def test_help_shows_the_defaults(capsys):
+    """train.py's --help: each flag's default (the default recipe's, as its description says); the search's too."""
+    from cifar_dist.config import Config, build_parser
+    from cifar_dist.search.cli import parse_args
+
+    text = " ".join(build_parser().format_help().split())
+    assert f"peak learning rate (default: {Config().lr})" in text and "a --preset or --recipe sets its own" in text
+    assert f"(default: {','.join(map(str, Config().model.widths))})" in text
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert "(default: 8)" in " ".join(capsys.readouterr().out.split())  # --num-samples

@@ -26,7 +26,7 @@ import numpy as np
 
 from cifar_dist import budget, folders, tracking
 from cifar_dist.backends import BACKENDS, is_deepspeed
-from cifar_dist.config import FOLDER_NEEDS_DIR, TOP_FIELDS, ConfigError, OneLineParser
+from cifar_dist.config import FOLDER_NEEDS_DIR, TOP_FIELDS, ConfigError, DefaultsShown, OneLineParser
 from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
 from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
@@ -47,7 +47,7 @@ def setting_help(name: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
     a = p.add_argument
     a("--space", type=Path, default=SPACE, help="search space YAML (default: tune/space.yaml)")
     a("--num-samples", type=int, default=8, help="configurations to sample (x each grid point)")
