@@ -186,4 +186,4 @@ def test_a_search_killed_while_tune_writes_its_state_leaves_the_last_whole_file(
     new.parent.mkdir()
     new.write_text('{"trial_data": "new"}')
     pafs.copy_files(str(new), str(state), destination_filesystem=whole_files())
-    assert state.read_text() == '{"trial_data": "new"}'
+    assert state.read_text() == '{"trial_data": "new"}' and state.stat().st_mode & 0o777 == new.stat().st_mode & 0o777

@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 PARTIAL = ".partial-"  # a file being written: <name>.partial-<random>, renamed to <name> when complete
+UMASK = os.umask(0o022)  # read once (the only way), and put back
+os.umask(UMASK)
 
 
 class _Whole:
@@ -29,6 +31,7 @@ class _Whole:
     def __init__(self, path: str) -> None:
         directory, name = os.path.split(path)
         fd, self.tmp = tempfile.mkstemp(prefix=name + PARTIAL, dir=directory or ".")
+        os.chmod(self.tmp, 0o666 & ~UMASK)  # as open() would make it (mkstemp's is 0600)
         self.path, self.f, self.closed = path, os.fdopen(fd, "wb", buffering=0), False  # pyarrow buffers
 
     def write(self, data: Any) -> int:
