@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from textwrap import shorten
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,6 +136,18 @@ def render(kind: str, results: Path = RESULTS) -> str:
     return table(rows, list(rows[0])) if rows else f"(no records in bench/results/{kind}.jsonl yet)"
 
 
+def variant(r: dict[str, Any]) -> str:
+    """The training flags of an accuracy record beyond its preset and recipe (what tells two points apart);
+    the data's folder, the evaluation's frequency and the recipe's name change nothing trained."""
+    words, kept = iter(r.get("train_args", [])), []
+    for word in words:
+        if word in ("--data-dir", "--eval-every", "--recipe"):
+            next(words, None)
+        else:
+            kept.append(word)
+    return " ".join(kept)
+
+
 def plot(results: Path, out: Path) -> Path:
     """Test accuracy against training FLOPs: the newest accuracy record of each preset, recipe and epoch
     count (mean, its seeds' spread) and the `--preset auto` table's trainings at their epoch counts."""
@@ -142,11 +155,11 @@ def plot(results: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    newest = {(r["preset"], r["recipe"], r["epochs"]): r for r in records("accuracy", results)}  # one point each
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for r in newest.values():
+    newest = {(r["preset"], r["recipe"], r["epochs"], variant(r)): r for r in records("accuracy", results)}
+    fig, ax = plt.subplots(figsize=(9, 7.5), dpi=110)
+    for (preset, recipe, epochs, flags), r in newest.items():
         ax.errorbar(r["train_flops"], r["mean"], yerr=r["std"], fmt="o", capsize=3,
-                    label=f"{r['preset']} / {r['recipe']}, {r['epochs']} epochs (n={r['n']})")
+                    label=shorten(f"{preset} / {recipe} {flags}".strip(), 70) + f", {epochs} epochs (n={r['n']})")
     for name in sorted({row["candidate"] for r in records("auto", results)[-1:] for row in r["rows"]}):
         rows = [row for r in records("auto", results)[-1:] for row in r["rows"] if row["candidate"] == name]
         ax.plot([row["train_flops"] for row in rows], [100 * row["test_acc"] for row in rows], "--.",
@@ -154,7 +167,7 @@ def plot(results: Path, out: Path) -> Path:
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="test accuracy (%)",
            title="Real CIFAR-10: test accuracy against training FLOPs")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: the labels are long
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
