@@ -160,8 +160,9 @@ def plot(results: Path, out: Path) -> Path:
     for (preset, recipe, epochs, flags), r in newest.items():
         ax.errorbar(r["train_flops"], r["mean"], yerr=r["std"], fmt="o", capsize=3,
                     label=shorten(f"{preset} / {recipe} {flags}".strip(), 70) + f", {epochs} epochs (n={r['n']})")
-    for name in sorted({row["candidate"] for r in records("auto", results)[-1:] for row in r["rows"]}):
-        rows = [row for r in records("auto", results)[-1:] for row in r["rows"] if row["candidate"] == name]
+    table_rows = [row for r in records("auto", results)[-1:] for row in r["rows"]]  # the newest: the table's
+    for name in sorted({row["candidate"] for row in table_rows}):
+        rows = [row for row in table_rows if row["candidate"] == name]
         ax.plot([row["train_flops"] for row in rows], [100 * row["test_acc"] for row in rows], "--.",
                 label=f"{name} (auto table)")
     ax.set(xscale="log", xlabel="training FLOPs", ylabel="test accuracy (%)",

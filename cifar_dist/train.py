@@ -340,12 +340,12 @@ def threads(run: Run) -> str:
 def precision_line(run: Run) -> str:
     """The precision and why: what was asked, and the probe's measured bf16 speed-up where one ran."""
     c = run.choices
-    line = f"precision: {c['mixed_precision']}" + (f" (asked {c['mixed_precision_asked']})"
-                                                        if c["mixed_precision_asked"] != c["mixed_precision"] else "")
-    if c["mixed_precision_asked"] == "auto" and c["mixed_precision"] != "no" and machine.launch_default_precision():
+    asked, chosen = c["mixed_precision_asked"], c["mixed_precision"]
+    notes = [f"asked {asked}"] if asked != chosen else []
+    if asked == "auto" and chosen != "no" and machine.launch_default_precision():
         # accelerate launch without --mixed_precision has just printed that it "was set to a value of 'no'"
-        line = line[:-1] + ("; accelerate launch's 'no' above is its default, not a choice: "
-                            "--mixed-precision no for fp32)")
+        notes.append("accelerate launch's 'no' above is its default, not a choice: --mixed-precision no for fp32")
+    line = f"precision: {chosen}" + (f" ({'; '.join(notes)})" if notes else "")
     if probe := c["precision_probe"]:
         line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {probe['batch']}, "
                  f"{'cached' if probe['cached'] else 'measured now'})")

@@ -1,8 +1,8 @@
 """Where Tune keeps a search's state: the local disk, every file written whole or not at all.
 
 Tune writes its experiment state (`experiment_state-*.json`, every trial's config and status) by copying
-it from a staging folder into the search folder, over the last one. A search killed during that copy (a
-lost node, an OOM kill, `kill -9`) left the file empty, and `--resume` then restored a trial with an
+it from a staging folder into the search folder, over the last one. A search killed during that copy (an
+OOM kill, `kill -9`) left the file empty, and `--resume` then restored a trial with an
 empty config: it would have trained another model in the trial's folder (refused there, as every run
 with another config is). Written through this file system, each file goes to a temporary name and is
 renamed over the real one once complete, so after a killed process a reader finds the old file or the new
