@@ -1,6 +1,7 @@
-"""Runs to a deadline on this machine: for each budget, the epochs planned, the epochs trained (after any
-shortening), the wall-clock of the whole command (measured here, from outside the process) against the
-budget, and the accuracy reached. One line appended to bench/results/budget.jsonl.
+"""Runs to a deadline on this machine: for each budget, the epochs planned, the epochs trained (after the plan
+moved to the pace measured; the last may be a part of one), the wall-clock of the whole command (measured
+here, from outside the process) against the budget, and the accuracy reached. One line appended to
+bench/results/budget.jsonl.
 
     python -m bench.budget --budgets 2m,5m,10m -- --preset fast --data-dir ../shared/cifar10
     python -m bench.budget --budgets 2m,5m,10m -- --preset auto --data-dir ../shared/cifar10
@@ -30,11 +31,12 @@ def one(budget: str, train_args: list[str]) -> dict:
         if r.returncode != 0:
             raise SystemExit(f"bench.budget: error: {' '.join(cmd)} failed: {r.stderr.strip()[-500:]}")
         s = json.loads((Path(tmp) / "summary.json").read_text())
+        trained = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     plan, seconds = s["time_budget"], parse_duration(budget)
     chosen = (plan.get("auto") or {}).get("chosen")  # --preset auto's training
     return dict(budget=budget, budget_s=seconds, training=f"auto: {chosen}" if chosen else s["preset"],
-                planned=plan["planned_epochs"], epochs=s["epochs_completed"],
-                shortened=len(plan["shortened"]), wall_s=wall, vs_budget=f"{wall / seconds:.3f}x",
+                planned=plan["planned_epochs"], epochs=round(trained / plan["steps_per_epoch"], 2),
+                changes=len(plan["changes"]), wall_s=wall, vs_budget=f"{wall / seconds:.3f}x",
                 test_acc=round(100 * s.get("test_acc", s.get("val_acc", 0.0)), 2), micro_batch=s["micro_batch"],
                 precision=s["mixed_precision"], plan=plan)
 

@@ -66,8 +66,11 @@ def accuracy_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def budget_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row a budget; records before 12/05 17:00 planned whole epochs and only shortened them."""
     return [{"budget": row["budget"], "trained": row.get("training", "`fast`"),
-             "epochs (planned)": f"{row['epochs']} ({row['planned']})", "wall-clock": f"{row['wall_s']} s",
+             "epochs (planned)": f"{row['epochs']} ({row['planned']})",
+             "plan moved": (f"{row['changes']}x, in steps" if "changes" in row else
+                            f"{row['shortened']}x, in whole epochs"), "wall-clock": f"{row['wall_s']} s",
              "of the budget": row["vs_budget"], "test accuracy": f"{row['test_acc']} %", **where(r)}
             for r in rs for row in r["rows"]]
 

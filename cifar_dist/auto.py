@@ -6,7 +6,7 @@ it would train in), the epochs that fit the budget are planned for it, and its a
 is read off the table of what it reached on real CIFAR-10 (auto_table.json, written by `python -m
 bench.auto`, with the machine it was measured on). The speed is this machine's; the accuracy is the
 table's, for CIFAR-10: on other data it ranks the trainings, it does not promise a figure. Where no
-training fits one epoch, the quickest is chosen (and the plan line says it will run past the budget).
+training fits a step, the quickest is chosen (and the plan line says it will run past the budget).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ TABLE = Path(__file__).with_name("auto_table.json")
 class Option:
     """One training of the table, planned for this budget on this machine."""
     name: str
-    epochs: int
+    epochs: float  # a budget's last epoch may be a part of one
     expected_s: float
     images_per_s: float
     expected_acc: float | None  # None: the table has no row of it
@@ -40,7 +40,7 @@ def candidate_argv(name: str, argv: list[str]) -> list[str]:
     return [*flags, *argv, "--preset", flags[flags.index("--preset") + 1]]
 
 
-def expected_accuracy(rows: list[dict[str, Any]], name: str, epochs: int) -> float | None:
+def expected_accuracy(rows: list[dict[str, Any]], name: str, epochs: float) -> float | None:
     """The table's accuracy of `name` at `epochs`: interpolated between the epochs measured, no more than the
     most-trained row's beyond them, scaled down linearly below the fewest."""
     points = sorted((r["epochs"], r["test_acc"]) for r in rows if r["candidate"] == name)
@@ -83,7 +83,7 @@ def line(auto: dict[str, Any]) -> str:
     """`preset auto: fast, 5 epochs, 92.9 % expected (quick: 2 epochs, 84.1 %)`, for the plan's line."""
     def words(o: dict[str, Any]) -> str:
         acc = f"{o['expected_acc']:.1%}" if o["expected_acc"] is not None else "no table row"
-        epochs = f"{o['epochs']} epoch{'s' if o['epochs'] != 1 else ''}"
+        epochs = f"{o['epochs']:g} epoch{'s' if o['epochs'] != 1 else ''}"
         return f"{o['name']}, {epochs}, {acc}{'' if o['fits'] else ', does not fit'}"
 
     chosen = chosen_option(auto)
@@ -153,7 +153,8 @@ def plan_options(configs: dict[str, Config], choices: dict[str, dict[str, Any]],
         rates[name] = speed[micro] * state.num_processes
     spent, options = clock(), []  # every option planned from the same moment: after all the measuring
     for name, cfg in configs.items():
-        plan = budget.plan_epochs(cfg, budget_s, spent, rates[name], train_images, eval_images)
-        options.append(Option(name, plan.epochs, plan.expected_s, round(rates[name], 1),
-                              expected_accuracy(table["rows"], name, plan.epochs), plan.expected_s <= budget_s))
+        plan = budget.plan_steps(cfg, budget_s, spent, rates[name], train_images, eval_images)
+        epochs = plan.in_epochs(plan.steps)
+        options.append(Option(name, epochs, plan.expected_s, round(rates[name], 1),
+                              expected_accuracy(table["rows"], name, epochs), plan.expected_s <= budget_s))
     return dict(record(decide(options), options, table), budget_s=budget_s)

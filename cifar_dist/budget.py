@@ -1,10 +1,10 @@
-"""Training to a deadline (--time-budget 10m): the epochs that fit this machine, planned before the first
-step from a measurement of this config's own training step, and shortened at an epoch's end when the
-measured pace falls behind (a busy machine). The recipe's schedule is laid over the planned epochs.
+"""Training to a deadline (--time-budget 10m): the steps that fit this machine, planned before the first
+step from a measurement of this config's own training step, then moved to the pace the run measures as
+it goes (fewer on a busy machine, more when the measurement was cautious). The recipe's schedule is laid
+over the planned steps, anew at every change.
 
-The plan is kept in the run directory (plan.json), so a resumed run keeps its epochs and its deadline
-counts the time already trained. Epochs are the unit: the run always ends after an evaluated epoch,
-with its checkpoint.
+The plan is kept in the run directory (plan.json), so a resumed run keeps it and its deadline counts the
+time already trained. The run always ends with an evaluated model and its checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from cifar_dist.flops import tta_views
 # What the end of a run takes after its last evaluation (the final pictures, model.pt, summary.json) and
 # what the pace may wobble by: kept free of the plan.
 RESERVE_S, RESERVE_FRACTION = 3.0, 0.03
+# Once the run has measured its own pace, what is kept free of the plan for the pace's wobble.
+LATE_RESERVE_FRACTION = 0.01
 EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (a forward, no backward)
 UNITS = {"h": 3600, "m": 60, "s": 1}
 # --time-budget slurm: the job's time left, less this margin, unless one is written ("slurm-30s"): slurm/train.sh
@@ -96,75 +98,116 @@ def parse_duration(text: str) -> float:
 
 @dataclass
 class Plan:
-    """A budgeted run's plan and what became of it (plan.json, summary.json)."""
+    """A budgeted run's plan and what became of it (plan.json, summary.json). Steps are its unit: an epoch of
+    a fast preset is minutes on a CPU, too coarse to end near a deadline, so the last epoch may stop part-way
+    (and is evaluated, as every run's last)."""
     budget_s: float
-    epochs: int  # planned now (after any shortening)
-    planned_epochs: int  # at the start
+    steps: int  # optimizer steps planned now (after any change)
+    planned_steps: int  # at the start
+    steps_per_epoch: int
     expected_s: float  # of the whole run, as planned at the start
     images_per_s: float  # the training rate the plan used (whole world)
-    epoch_s: float  # one epoch's training and evaluation as planned
+    step_s: float  # one training step, as planned
+    eval_s: float  # one evaluation, as planned
     started_after_s: float  # the run's own start-up before the plan (data, probes, the measurement)
-    shortened: list[dict[str, Any]] = field(default_factory=list)  # {after_epoch, epochs, pace_s}
+    changes: list[dict[str, Any]] = field(default_factory=list)  # {after_step, steps, step_s}: moved to the pace
     auto: dict[str, Any] | None = None  # --preset auto's choice (cifar_dist.auto.record)
 
+    @property
+    def epochs(self) -> int:
+        """The epochs the run trains, the last maybe in part."""
+        return -(-self.steps // self.steps_per_epoch)
+
+    def record(self) -> dict[str, Any]:
+        """plan.json's and summary.json's fields, with the epochs they come to."""
+        return dict(asdict(self), epochs=self.epochs, planned_epochs=self.in_epochs(self.planned_steps))
+
+    def in_epochs(self, steps: int) -> float:
+        return round(steps / self.steps_per_epoch, 2)
+
     def line(self) -> str:
-        over = ("; one epoch does not fit: it will run past the budget (a smaller preset or a longer budget)"
-                if self.expected_s > self.budget_s else "")
-        text = (f"time budget {self.budget_s:.0f}s: {self.epochs} epochs planned, expected {self.expected_s:.0f}s "
-                f"({self.epoch_s:.1f}s an epoch at {self.images_per_s:,.0f} training images/s measured now, "
-                f"{self.started_after_s:.0f}s of start-up){over}")
+        over = ("; not even one step and an evaluation fit: it will run past the budget (a smaller preset or a "
+                "longer budget)" if self.expected_s > self.budget_s else "")
+        text = (f"time budget {self.budget_s:.0f}s: {self.steps:,} steps planned ({self.in_epochs(self.steps):g} "
+                f"epochs), expected {self.expected_s:.0f}s ({self.step_s:.3g}s a step at {self.images_per_s:,.0f} "
+                f"training images/s measured now, {self.eval_s:.1f}s an evaluation, {self.started_after_s:.0f}s "
+                f"of start-up){over}")
         if self.auto:
             text = f"{line(self.auto)}\n{text}"
         return text
 
 
-def plan_epochs(cfg: Config, budget_s: float, spent_s: float, images_per_s: float, train_images: int,
-                eval_images: int) -> Plan:
-    """The most epochs whose training, evaluations and final writes fit in what is left of the budget
-    (at least one: a run always ends evaluated). `images_per_s` is the world's training rate."""
-    train_s = train_images // cfg.batch_size * cfg.batch_size / images_per_s
+def evaluations(done: int, total: int, steps_per_epoch: int, eval_every: int) -> int:
+    """The evaluations still to come after `done` steps (inside the loop: the epoch of the step just taken
+    has not ended) for a run of `total`: every eval_every epochs, and after the last."""
+    ended = (done - 1) // steps_per_epoch if done else 0  # epochs whose end (and evaluation, if due) is past
+    last = -(-total // steps_per_epoch)
+    return max(0, last // eval_every - ended // eval_every) + (last % eval_every != 0 and last > ended)
+
+
+def cost(done: int, total: int, step_s: float, eval_s: float, steps_per_epoch: int, eval_every: int) -> float:
+    """Seconds from step `done` to the end of a run of `total` steps: its training and evaluations."""
+    return (total - done) * step_s + evaluations(done, total, steps_per_epoch, eval_every) * eval_s
+
+
+def fit(free_s: float, done: int, step_s: float, eval_s: float, steps_per_epoch: int, eval_every: int) -> int:
+    """The most steps in all (not fewer than `done`) whose training and evaluations from step `done` on fit
+    in `free_s` seconds."""
+    low, high = done, done + 100_000 * steps_per_epoch  # cost(low) may not fit: the run ends as soon as it can
+    while low < high:
+        mid = (low + high + 1) // 2
+        fits = cost(done, mid, step_s, eval_s, steps_per_epoch, eval_every) <= free_s
+        low, high = (mid, high) if fits else (low, mid - 1)
+    return low
+
+
+def plan_steps(cfg: Config, budget_s: float, spent_s: float, images_per_s: float, train_images: int,
+               eval_images: int) -> Plan:
+    """The most steps whose training, evaluations and final writes fit in what is left of the budget (at
+    least one: a run always ends evaluated). `images_per_s` is the world's training rate."""
+    per_epoch = train_images // cfg.batch_size
+    step_s = cfg.batch_size / images_per_s
     eval_s = eval_images * tta_views(cfg.tta) * EVAL_COST / images_per_s
     free = budget_s - spent_s - RESERVE_S - RESERVE_FRACTION * budget_s
-    epochs = 1
-    while epochs < 100_000 and cost(epochs + 1, train_s, eval_s, cfg.eval_every) <= free:
-        epochs += 1
-    return Plan(budget_s=budget_s, epochs=epochs, planned_epochs=epochs,
-                expected_s=round(spent_s + cost(epochs, train_s, eval_s, cfg.eval_every), 1),
-                images_per_s=round(images_per_s, 1), epoch_s=round(train_s + eval_s / cfg.eval_every, 2),
-                started_after_s=round(spent_s, 1))
+    steps = max(1, fit(free, 0, step_s, eval_s, per_epoch, cfg.eval_every))
+    expected = cost(0, steps, step_s, eval_s, per_epoch, cfg.eval_every)
+    return Plan(budget_s=budget_s, steps=steps, planned_steps=steps, steps_per_epoch=per_epoch,
+                expected_s=round(spent_s + expected + RESERVE_S, 1), images_per_s=round(images_per_s, 1),
+                step_s=round(step_s, 4), eval_s=round(eval_s, 2), started_after_s=round(spent_s, 1))
 
 
-def cost(epochs: int, train_s: float, eval_s: float, eval_every: int) -> float:
-    evaluations = epochs // eval_every + (epochs % eval_every != 0)  # every eval_every epochs, and the last
-    return epochs * train_s + evaluations * eval_s
-
-
-def replan(plan: Plan, done: int, spent_s: float, epoch_seconds: list[float], evaluated: bool) -> int | None:
-    """After `done` epochs and `spent_s` seconds: the shorter number of epochs that still fits at the pace
-    measured (the slowest of the last two epochs), or None to keep the plan. The run may end at once
-    only after an evaluated epoch (else one more: the last epoch is always evaluated)."""
-    if done >= plan.epochs or not epoch_seconds:
+def replan(plan: Plan, done: int, spent_s: float, step_s: float, eval_s: float, eval_every: int) -> str | None:
+    """After `done` steps and `spent_s` seconds, at the pace measured: fewer steps when the plan no longer
+    fits (down to ending now), more when it is well ahead; None to keep the plan, else the reason."""
+    free = plan.budget_s - spent_s - RESERVE_S - LATE_RESERVE_FRACTION * plan.budget_s
+    fits = fit(free, done, step_s, eval_s, plan.steps_per_epoch, eval_every)
+    if fits < plan.steps:
+        why = "behind"
+    elif fits > plan.steps + max(1, plan.steps // 50) and done < plan.steps:  # not for a step or two
+        why = "ahead of"
+    else:
         return None
-    pace = max(epoch_seconds[-2:])
-    free = plan.budget_s - spent_s - RESERVE_S
-    fits = done + max(0, math.floor(free / pace))
-    if fits >= plan.epochs:
-        return None
-    epochs = max(done if evaluated else done + 1, fits)
-    plan.shortened.append(dict(after_epoch=done, epochs=epochs, pace_s=round(pace, 2)))
-    plan.epochs = epochs
-    return epochs
+    plan.steps = fits
+    plan.changes.append(dict(after_step=done, steps=plan.steps, step_s=round(step_s, 4)))
+    return why
 
 
 def saved(out: Path) -> Plan | None:
     path = out / "plan.json"
-    return Plan(**json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    fields = json.loads(path.read_text())
+    try:
+        return Plan(**{k: v for k, v in fields.items() if k not in ("epochs", "planned_epochs")})
+    except TypeError:
+        raise ConfigError(f"{path} is a plan of another version of cifar-dist; resume with that version, "
+                          "or use another --output-dir") from None
 
 
 def save(out: Path, plan: Plan) -> None:
     from cifar_dist.rundir import write_atomic
 
-    write_atomic(out / "plan.json", json.dumps(asdict(plan), indent=1) + "\n")
+    write_atomic(out / "plan.json", json.dumps(plan.record(), indent=1) + "\n")
 
 
 def process_age() -> float:

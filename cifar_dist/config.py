@@ -61,9 +61,9 @@ class Config:
     # optimisation
     epochs: int = setting(20, "training epochs")
     time_budget: str = setting("", "train to a deadline instead (90s, 10m, 1h30m; slurm: the SLURM job's time left "
-                                   "less a margin, slurm-60s: less 60s): the epochs that fit this machine, from a "
-                                   "measurement of this config's step (plan.json; kept on resume), shortened when the "
-                                   "pace falls behind; '': --epochs")
+                                   "less a margin, slurm-60s: less 60s): the steps that fit this machine, from a "
+                                   "measurement of this config's step, then moved to the pace measured (plan.json; "
+                                   "kept on resume); '': --epochs")
     batch_size: int = setting(256, "GLOBAL batch size, split over processes and accumulation steps", "identity")
     grad_accum: int = setting(1, "gradient accumulation steps", "identity")
     optimizer: Literal["sgd", "adam", "muon"] = setting(

@@ -32,11 +32,12 @@ def tta_views(tta: str) -> int:
     return {"none": 1, "flip": 2, "flip-translate": 6}[tta]
 
 
-def run_flops(cfg: Config, train_images: int, eval_images: int) -> dict[str, int]:
+def run_flops(cfg: Config, train_images: int, eval_images: int, steps: int | None = None) -> dict[str, int]:
     """Training FLOPs (what airbench reports: forward + backward of every trained image) and
-    evaluation FLOPs (every evaluation, test-time augmentation views included)."""
+    evaluation FLOPs (every evaluation, test-time augmentation views included). `steps`: those trained,
+    where a time budget ended the last epoch part-way."""
     forward, training = per_image(cfg.model)
-    steps = train_images // cfg.batch_size * cfg.epochs
+    steps = steps or train_images // cfg.batch_size * cfg.epochs
     evaluations = len(range(cfg.eval_every, cfg.epochs + 1, cfg.eval_every)) + (cfg.epochs % cfg.eval_every != 0)
     return dict(train_flops=training * steps * cfg.batch_size,
                 eval_flops=forward * tta_views(cfg.tta) * eval_images * evaluations,

@@ -108,10 +108,12 @@ def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def lr_factors(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list[Callable[[int], float]]:
-    """The schedule for every group; a whitening stem's bias stops (lr 0) after whiten_bias_epochs, on
-    the way there following the schedule or a linear decay of its own."""
-    factor = lr_factor(cfg, steps_per_epoch * cfg.epochs)
+def lr_factors(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+               total_steps: int | None = None) -> list[Callable[[int], float]]:
+    """The schedule for every group, over the run's epochs or the `total_steps` a time budget planned; a
+    whitening stem's bias stops (lr 0) after whiten_bias_epochs, on the way there following the schedule
+    or a linear decay of its own."""
+    factor = lr_factor(cfg, total_steps or steps_per_epoch * cfg.epochs)
     frozen_from = cfg.whiten_bias_epochs * steps_per_epoch
 
     def stem_bias(step: int) -> float:
@@ -122,9 +124,9 @@ def lr_factors(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: i
     return [stem_bias if g.get("name") == "stem_bias" else factor for g in optimizer.param_groups]
 
 
-def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(cfg, optimizer, steps_per_epoch))
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int,
+                   total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(cfg, optimizer, steps_per_epoch, total_steps))
 
 
 class Lookahead:

@@ -4,7 +4,6 @@ processes, DDP, mixed precision) or `python -m cifar_dist.train ...`. Reads top 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -91,17 +90,28 @@ class Run:
     trace: Path | None = None  # this rank's file of trained micro-batches ($CIFAR_DIST_TRACE, tests)
     slow_s: float = 0.0  # a pause after every step ($CIFAR_DIST_SLOW_STEP: a test's busy machine)
     resumed_seconds: float = 0.0  # trained before this process (a resume): a time budget counts them
-    epoch_ends: list[float] = field(default_factory=list)  # the clock at the start and after each epoch
+    # a time budget's measure of the pace: (step, clock, evaluation seconds so far) at its every look
+    paces: list[tuple[int, float, float]] = field(default_factory=list)
+    eval_seconds: tuple[float, float | None] = (0.0, None)  # evaluations in this process: in all, the last
     curves_drawn: tuple[int, float] = (0, -math.inf)  # curves.png: the epoch it shows and the clock then
 
     @property
     def main(self) -> str:
         return list(self.evals)[-1]
 
+    @property
+    def total_steps(self) -> int:
+        return total_steps(self.plan, self.steps_per_epoch, self.cfg.epochs)
+
     def first_images(self, n: int) -> D.Split:
         """The first n images of the main split: the same ones in every picture."""
         split = self.evals[self.main]
         return split.take(torch.arange(min(n, len(split))))
+
+
+def total_steps(plan: budget.Plan | None, steps_per_epoch: int, epochs: int) -> int:
+    """The steps of the whole run: its epochs', or as many as a time budget planned."""
+    return plan.steps if plan is not None else steps_per_epoch * epochs
 
 
 def say(accelerator: Accelerator, message: str) -> None:
@@ -153,7 +163,7 @@ def train(cfg: Config, on_epoch: Callable[[dict[str, Any], Path], None] | None =
 def run_epochs(run: Run, preemption: Preemption,
                on_epoch: Callable[[dict[str, Any], Path], None] | None) -> dict[str, Any]:
     """The epochs still to train, then the results; or a checkpoint and a stop when a signal came."""
-    run.epoch_ends = [run.clock()]
+    run.paces = []
     while (epoch := run.state.epoch) < run.cfg.epochs:  # a time budget may shorten the run as it goes
         if 0 < run.cfg.stop_after <= epoch:  # asked to stop here: a later command goes on
             draw_curves(run, final=True)
@@ -163,8 +173,6 @@ def run_epochs(run: Run, preemption: Preemption,
         if (sums := train_epoch(run, epoch, preemption)) is None:
             return stop(run, epoch, preemption, saved=False)
         metrics = end_epoch(run, epoch, sums)
-        if run.plan is not None:
-            keep_to_budget(run, metrics)
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(run.out)[-1])
         if run.state.epoch < run.cfg.epochs and preemption.requested(run.accelerator):
@@ -197,12 +205,13 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
     norm = D.Normalize(data.mean, data.std, cfg.channels_last).to(accelerator.device)
     model, optimizer, size = build(cfg, accelerator, train_set, norm)
     steps_per_epoch = len(train_set) // cfg.batch_size
-    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch)
+    total = total_steps(plan, steps_per_epoch, cfg.epochs)
+    scheduler = make_scheduler(cfg, optimizer, steps_per_epoch, total)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
     lookahead = None
     if cfg.lookahead:
-        lookahead = Lookahead(unwrap(accelerator, model), steps_per_epoch * cfg.epochs)
+        lookahead = Lookahead(unwrap(accelerator, model), total)
         accelerator.register_for_checkpointing(lookahead)
     run = Run(cfg, accelerator, out, trackers, data, train_set, evals, norm, model, optimizer, scheduler, lookahead,
               state, steps_per_epoch, choices, size, clock, plan=plan)
@@ -211,7 +220,9 @@ def setup(cfg: Config, accelerator: Accelerator, out: Path, trackers: list[str],
         say(accelerator, line)
     if ckpt is not None:
         saved_world = resume(accelerator, ckpt, optimizer, scheduler, state)
-        run.resumed_seconds = state.seconds
+        # the budget's seconds before this process: the epochs', a mid-epoch checkpoint's part of one and the
+        # first start-up (a later process's own start-up is in its clock; between-epoch writes are not counted)
+        run.resumed_seconds = state.seconds + state.partial[3] + (plan.started_after_s if plan is not None else 0.0)
         restart = f"; elastic restart {elastic_restarts()}" if elastic_restarts() else ""
         say(accelerator, f"resumed from {ckpt} (epoch {state.epoch}, batch {state.batch}; saved by "
                          f"{saved_world} process(es), resumed on {accelerator.num_processes}{restart})")
@@ -228,34 +239,37 @@ def plan_budget(cfg: Config, accelerator: Accelerator, out: Path, choices: dict[
     if not cfg.time_budget:
         return None
     plan = budget.saved(out)
-    if plan is None:
-        measured = main_budget(cfg, accelerator, choices, clock, auto) if accelerator.is_main_process else None
-        budget_s, images_per_s = broadcast_object_list([measured])[0]
-        if isinstance(budget_s, str):  # every rank stops with the main process's line
-            raise ConfigError(budget_s)
-        plan = budget.plan_epochs(cfg, budget_s, clock(), images_per_s, train_images, eval_images)
-        plan.auto = auto
+    if plan is None:  # the main process's plan, from its clock, for every rank: they start moments apart
+        made = main_plan(cfg, accelerator, choices, clock, auto, train_images, eval_images) \
+            if accelerator.is_main_process else None
+        plan = broadcast_object_list([made])[0]
+        if isinstance(plan, str):  # every rank stops with the main process's line
+            raise ConfigError(plan)
         if accelerator.is_main_process:
             budget.save(out, plan)
     cfg.epochs = plan.epochs
     return plan
 
 
-def main_budget(cfg: Config, accelerator: Accelerator, choices: dict[str, Any], clock: budget.Clock,
-                auto: dict[str, Any] | None) -> tuple[float | str, float]:
-    """The budget in seconds (slurm: this job's time left, asked once), or the line saying why there is none;
-    and the world's training rate, from this config's own step (its optimizer, precision and micro-batch),
-    which --preset auto measured already."""
+def main_plan(cfg: Config, accelerator: Accelerator, choices: dict[str, Any], clock: budget.Clock,
+              auto: dict[str, Any] | None, train_images: int, eval_images: int) -> budget.Plan | str:
+    """The plan from the budget in seconds (slurm: this job's time left, asked once) and the world's training
+    rate, from this config's own step (its optimizer, precision and micro-batch), which --preset auto
+    measured already; or the line saying why there is none."""
     if auto is not None:
-        return auto["budget_s"], chosen_option(auto)["images_per_s"]
-    try:
-        budget_s = budget.budget_seconds(cfg.time_budget, clock())
-    except ConfigError as e:
-        return str(e), 0.0
-    micro = choices["micro_batch"]
-    speed = machine.measure_micro(cfg, [micro], choices["mixed_precision"] == "bf16", accelerator.device,
-                                  lambda model: make_optimizer(cfg, model), seconds=min(2.0, budget_s / 50))
-    return budget_s, speed[micro] * accelerator.num_processes
+        budget_s, images_per_s = auto["budget_s"], chosen_option(auto)["images_per_s"]
+    else:
+        try:
+            budget_s = budget.budget_seconds(cfg.time_budget, clock())
+        except ConfigError as e:
+            return str(e)
+        micro = choices["micro_batch"]
+        speed = machine.measure_micro(cfg, [micro], choices["mixed_precision"] == "bf16", accelerator.device,
+                                      lambda model: make_optimizer(cfg, model), seconds=min(2.0, budget_s / 50))
+        images_per_s = speed[micro] * accelerator.num_processes
+    plan = budget.plan_steps(cfg, budget_s, clock(), images_per_s, train_images, eval_images)
+    plan.auto = auto
+    return plan
 
 
 def load_splits(cfg: Config, accelerator: Accelerator) -> tuple[D.Data, D.Split, dict[str, D.Split]]:
@@ -328,7 +342,7 @@ def start_records(run: Run) -> None:
     say(accelerator, precision_line(run))
     say(accelerator, micro_batch_line(run))
     if run.plan is not None:
-        kept = f"time budget: the plan kept, {run.plan.epochs} epochs"
+        kept = f"time budget: the plan kept, {run.plan.steps:,} steps"
         say(accelerator, run.plan.line() if not run.state.epoch else kept)
 
 
@@ -379,11 +393,14 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
     # alone carries them on (the world may have another size after a requeue)
     sums = torch.tensor(state.partial[:3] if rank == 0 else [0.0] * 3, device=device, dtype=torch.float64)
     start, state.batch, state.partial = state.batch, 0, [0.0] * 4
-    bar = Progress(accelerator.is_main_process, f"epoch {epoch + 1}/{cfg.epochs}", run.steps_per_epoch, start,
+    steps = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)  # a budget's last: maybe fewer
+    bar = Progress(accelerator.is_main_process, f"epoch {epoch + 1}/{cfg.epochs}", steps, start,
                    cfg.batch_size, cfg.progress_seconds)
     batches = D.train_batches(run.train_set, cfg, epoch, rank, world, run.data.mean, start,
                               run.choices["micro_batch"])
     for i, batch in enumerate(batches):
+        if state.step >= run.total_steps:  # a time budget's last epoch may end part-way (or resume there)
+            break
         loss, logits = step(run, batch.images, batch.labels)
         if run.slow_s:
             time.sleep(run.slow_s)
@@ -399,6 +416,8 @@ def train_epoch(run: Run, epoch: int, preemption: Preemption) -> list[float] | N
                 return None
         if accelerator.sync_gradients:
             bar.step(sums)
+            if run.plan is not None and state.step % replan_every(run.plan) == 0:
+                keep_to_budget(run)
     bar.close()
     return [*accelerator.reduce(sums, "sum").tolist(), t0]
 
@@ -462,6 +481,8 @@ def end_epoch(run: Run, epoch: int, sums: list[float]) -> dict[str, Any]:
         for name, split in run.evals.items():
             metrics[f"{name}_loss"], metrics[f"{name}_acc"], run.confusion = evaluate(
                 run.model, split, run.norm, cfg, accelerator)
+        took = time.perf_counter() - t0 - train_seconds
+        run.eval_seconds = (run.eval_seconds[0] + took, took)
     seconds = time.perf_counter() - t0
     metrics.update(lr=run.scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
                    step=state.step)
@@ -509,26 +530,40 @@ def feature_maps(run: Run, tag: str) -> None:
                               run.cfg.feature_channels, run.out / "feature_maps" / tag, run.state.step)
 
 
-def keep_to_budget(run: Run, metrics: dict[str, Any]) -> None:
-    """At an epoch's end: when the measured pace would overrun the budget, the fewest epochs cut that
-    fit (the schedule laid over them anew); at once when the epoch just trained was evaluated and no
-    further one fits. The same decision on every rank (the main process's clock)."""
-    plan, state = run.plan, run.state
+def replan_every(plan: budget.Plan) -> int:
+    """How often (in steps) a budgeted run looks at its pace: some twenty times a run."""
+    return max(1, plan.planned_steps // 20)
+
+
+def keep_to_budget(run: Run) -> None:
+    """Every replan_every steps: the plan moved to the pace measured since about a tenth of the run ago
+    (its evaluations apart: they are counted on their own), with the schedule laid over it anew. The main
+    process's clock decides, for every rank alike."""
+    plan, state, cfg = run.plan, run.state, run.cfg
     assert plan is not None
-    run.epoch_ends.append(run.clock())  # an epoch's wall-clock: training, evaluation, checkpoint, pictures
-    paces = [b - a for a, b in zip(run.epoch_ends, run.epoch_ends[1:])]
-    spent, paces = broadcast_object_list([run.epoch_ends[-1] + run.resumed_seconds, paces])
-    epochs = budget.replan(plan, state.epoch, spent, paces, evaluated=f"{run.main}_acc" in metrics)
-    if epochs is None:
+    run.paces.append((state.step, run.clock(), run.eval_seconds[0]))
+    if len(run.paces) < 2:  # the first look only marks where the pace is measured from: after the first
+        return              # steps' one-off costs
+    window = max(replan_every(plan), plan.steps // 10)
+    then = next(p for p in run.paces if p[0] >= state.step - window or p is run.paces[-2])
+    now = run.paces[-1]
+    step_s = (now[1] - then[1] - (now[2] - then[2])) / max(1, now[0] - then[0])
+    eval_s = run.eval_seconds[1] or plan.eval_s
+    spent, step_s, eval_s = broadcast_object_list([now[1] + run.resumed_seconds, step_s, eval_s])
+    why = budget.replan(plan, state.step, spent, step_s, eval_s, cfg.eval_every)
+    if why is None:
         return
-    run.cfg.epochs = epochs
-    run.scheduler.lr_lambdas = lr_factors(run.cfg, run.optimizer, run.steps_per_epoch)
+    cfg.epochs = plan.epochs
+    run.scheduler.lr_lambdas = lr_factors(cfg, run.optimizer, run.steps_per_epoch, plan.steps)
     if run.lookahead is not None:
-        run.lookahead.total = run.steps_per_epoch * epochs
+        run.lookahead.total = plan.steps
+        if state.step >= plan.steps:  # cut to end now: the weights become the EMA, as at a planned last step
+            run.lookahead.update(state.step)
     if run.accelerator.is_main_process:
         budget.save(run.out, plan)
-    say(run.accelerator, f"time budget: behind the plan ({spent:.0f}s of {plan.budget_s:.0f}s spent after "
-                         f"{state.epoch} epochs, {plan.shortened[-1]['pace_s']:.1f}s an epoch): {epochs} epochs in all")
+    say(run.accelerator, f"time budget: {why} the plan ({spent:.0f}s of {plan.budget_s:.0f}s spent after "
+                         f"{state.step:,} steps, {step_s:.3g}s a step): {plan.steps:,} steps in all "
+                         f"({plan.in_epochs(plan.steps):g} epochs)")
 
 
 # --- the end of a run ------------------------------------------------------------------------------
@@ -578,7 +613,7 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
     for name in run.evals:
         summary[f"{name}_acc"] = history[-1][f"{name}_acc"]
         summary[f"best_{name}_acc"] = max(m[f"{name}_acc"] for m in history if f"{name}_acc" in m)
-    summary.update(flops.run_flops(cfg, len(run.train_set), sum(len(s) for s in run.evals.values())))
+    summary.update(flops.run_flops(cfg, len(run.train_set), sum(len(s) for s in run.evals.values()), run.state.step))
     summary.update(epochs_completed=run.state.epoch, params=run.size[0], model_bytes=run.size[1],
                    world_size=accelerator.num_processes, mixed_precision=run.choices["mixed_precision"],
                    precision_probe=run.choices["precision_probe"], cpu_threads=run.choices["cpu_threads"],
@@ -591,7 +626,7 @@ def summarize_run(run: Run, per_class: dict[str, float], digests: list[str]) -> 
                    **{f"per_class_{run.main}_acc": per_class},
                    normalization=dict(mean=list(run.data.mean), std=list(run.data.std)))
     if run.plan is not None:  # the plan and its outcome: the seconds used until the summary (not its write)
-        summary["time_budget"] = dict(dataclasses.asdict(run.plan), used_s=round(run.clock() + run.resumed_seconds, 1))
+        summary["time_budget"] = dict(run.plan.record(), used_s=round(run.clock() + run.resumed_seconds, 1))
     return summary
 
 

@@ -2,9 +2,11 @@
 killing a process tree, writing small CIFAR-10 files."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # The precision probe's cache (cifar_dist.machine) of this test session, not the user's. (Not through
 # XDG_CACHE_HOME: torch keeps its compiled extensions there, and DeepSpeed's would be rebuilt for minutes.)
 os.environ["CIFAR_DIST_CACHE"] = tempfile.mkdtemp(prefix="cifar-dist-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CIFAR_DIST_CACHE"], ignore_errors=True)  # each pytest process its own
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small model and the synthetic dataset keep a training run to seconds on 2 CPU cores.

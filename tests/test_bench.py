@@ -131,7 +131,9 @@ def test_budget_bench_records_plan_epochs_wall_clock_and_accuracy(tmp_path):
     r = bench("budget", ["--budgets", "15s", "--results", str(tmp_path / "b.jsonl"), "--", *TINY], tmp_path)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads((tmp_path / "b.jsonl").read_text())["rows"]
-    assert row["budget_s"] == 15 and row["epochs"] == row["plan"]["epochs"] <= row["planned"]
+    plan = row["plan"]  # epochs trained (metrics.jsonl's last step): the plan's, the last maybe a part of one
+    assert row["budget_s"] == 15 and row["epochs"] == round(plan["steps"] / plan["steps_per_epoch"], 2)
+    assert row["planned"] == plan["planned_epochs"] and row["changes"] == len(plan["changes"])
     assert row["training"] == "seed3"  # the preset (or, with --preset auto, its choice)
     assert row["vs_budget"] == f"{row['wall_s'] / 15:.3f}x" and 0 < row["test_acc"] <= 100
     assert "15s" in r.stdout and row["vs_budget"] in r.stdout

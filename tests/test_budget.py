@@ -11,7 +11,7 @@ from cifar_dist import auto, budget, train
 from cifar_dist.config import ConfigError, resolve
 from cifar_dist.recipes import AUTO
 
-from conftest import TINY, assert_one_line_error, metrics, summary
+from conftest import TINY, TINY_MODEL, accelerate_launch, assert_one_line_error, metrics, summary
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,50 +24,90 @@ def test_durations_read_as_people_write_them():
             budget.parse_duration(bad)
 
 
-def test_the_plan_is_the_most_epochs_whose_training_evaluations_and_end_fit():
+def test_evaluations_to_come_count_every_eval_every_epochs_and_the_last_part_epoch():
+    assert budget.evaluations(0, 480, 20, 2) == 12  # 24 epochs, every second one
+    assert budget.evaluations(0, 481, 20, 2) == 13  # and a 25th of one step, the last: evaluated
+    assert budget.evaluations(20, 60, 20, 1) == 3  # at step 20 the first epoch's end is still to come
+    assert budget.evaluations(21, 60, 20, 1) == 2
+    assert budget.evaluations(30, 30, 20, 2) == 1  # ending now, half-way through epoch 2: its evaluation
+
+
+def plan60():
     cfg = resolve([*TINY, "--eval-every", "2", "--tta", "none"])  # batch 100
-    # 2,000 training images at 1,000/s: 2 s an epoch; 500 evaluated at a third of the cost: 1/6 s each time
-    plan = budget.plan_epochs(cfg, 60.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
+    # 2,000 training images at 1,000/s: 20 steps of 0.1 s an epoch; 500 evaluated at a third of the cost: 1/6 s
+    return cfg, budget.plan_steps(cfg, 60.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
+
+
+def cost(total, done=0):
+    return (total - done) * 0.1 + budget.evaluations(done, total, 20, 2) / 6
+
+
+def test_the_plan_is_the_most_steps_whose_training_evaluations_and_end_fit():
+    cfg, plan = plan60()
     free = 60.0 - 5.0 - budget.RESERVE_S - budget.RESERVE_FRACTION * 60.0
-    assert budget.cost(plan.epochs, 2.0, 1 / 6, 2) <= free < budget.cost(plan.epochs + 1, 2.0, 1 / 6, 2)
-    assert plan.epochs == 24 and plan.planned_epochs == 24 and plan.started_after_s == 5.0
-    tight = budget.plan_epochs(cfg, 4.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
-    assert tight.epochs == 1  # nothing fits: still one epoch, evaluated
-    assert "one epoch does not fit: it will run past the budget" in tight.line()
-    assert "does not fit" not in plan.line()
+    assert cost(plan.steps) <= free < cost(plan.steps + 1)
+    assert plan.steps == plan.planned_steps == 480 and plan.epochs == 24 and plan.started_after_s == 5.0
+    assert plan.step_s == 0.1 and plan.eval_s == pytest.approx(1 / 6, abs=0.01)
+    assert "480 steps planned (24 epochs)" in plan.line() and "does not fit" not in plan.line()
+    odd = budget.plan_steps(cfg, 61.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
+    assert odd.steps % 20 and odd.epochs == -(-odd.steps // 20)  # the last epoch a part of one
+    tight = budget.plan_steps(cfg, 4.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
+    assert tight.steps == 1 and tight.epochs == 1  # nothing fits: still one step, evaluated
+    assert "not even one step and an evaluation fit: it will run past the budget" in tight.line()
 
 
-def test_a_pace_behind_the_plan_shortens_it_only_as_far_as_needed():
-    plan = budget.Plan(budget_s=60, epochs=20, planned_epochs=20, expected_s=58, images_per_s=1000, epoch_s=2.5,
-                       started_after_s=5, shortened=[])
-    assert budget.replan(plan, 4, spent_s=15.0, epoch_seconds=[2.5, 2.5], evaluated=True) is None  # on pace
-    assert budget.replan(plan, 5, spent_s=25.0, epoch_seconds=[2.5, 5.0], evaluated=True) == 5 + int(32 // 5.0)
-    assert plan.epochs == 11 and plan.shortened == [dict(after_epoch=5, epochs=11, pace_s=5.0)]
-    assert budget.replan(plan, 6, spent_s=59.0, epoch_seconds=[5.0, 9.0], evaluated=False) == 7  # ends evaluated
-    assert budget.replan(plan, 7, spent_s=70.0, epoch_seconds=[9.0], evaluated=True) is None  # the end anyway
-    late = budget.Plan(budget_s=60, epochs=20, planned_epochs=20, expected_s=58, images_per_s=1000, epoch_s=2.5,
-                       started_after_s=5, shortened=[])
-    assert budget.replan(late, 3, spent_s=58.0, epoch_seconds=[2.5, 20.0], evaluated=True) == 3  # stops now
+def test_the_plan_moves_to_the_pace_measured_behind_or_well_ahead():
+    _, plan = plan60()
+    free = 60 - 15.0 - budget.RESERVE_S - budget.LATE_RESERVE_FRACTION * 60  # after 100 steps and 15 s
+    assert budget.replan(plan, 100, spent_s=15.0, step_s=0.1, eval_s=1 / 6, eval_every=2) == "ahead of"
+    assert cost(plan.steps, 100) <= free < cost(plan.steps + 1, 100) and plan.steps > 480  # the start's reserve
+    assert budget.replan(plan, 120, spent_s=17.0, step_s=0.1, eval_s=1 / 6, eval_every=2) is None  # on pace
+    assert budget.replan(plan, 200, spent_s=32.0, step_s=0.2, eval_s=1 / 6, eval_every=2) == "behind"
+    free = 60 - 32.0 - budget.RESERVE_S - budget.LATE_RESERVE_FRACTION * 60
+    assert (plan.steps - 200) * 0.2 + budget.evaluations(200, plan.steps, 20, 2) / 6 <= free
+    assert [c["after_step"] for c in plan.changes] == [100, 200] and plan.changes[-1]["steps"] == plan.steps
+    assert budget.replan(plan, 250, spent_s=59.0, step_s=0.2, eval_s=1 / 6, eval_every=2) == "behind"
+    assert plan.steps == 250 and plan.epochs == 13  # too late for more: it ends now, epoch 13 part-way
+    _, close = plan60()
+    assert budget.replan(close, 100, spent_s=16.4, step_s=0.1, eval_s=1 / 6, eval_every=2) is None  # a step ahead
 
 
 BUDGETED = [*TINY, "--time-budget", "20s"]
 SLOW = dict(CIFAR_DIST_SLOW_STEP="0.15")  # 20 steps an epoch: 3 s more an epoch than the plan measured
 
 
-def test_a_slowed_machine_shortens_the_plan_and_the_run_ends_evaluated_within_its_budget(tmp_path, in_process):
+def test_a_slowed_machine_shortens_the_plan_and_the_run_ends_evaluated_at_its_budget(tmp_path, in_process):
     out = tmp_path / "run"
     t0 = time.monotonic()
     r = in_process(train.main, [*BUDGETED, "--output-dir", str(out)], **SLOW)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    s = summary(out)
+    s, last = summary(out), metrics(out)[-1]
     plan = s["time_budget"]
-    assert "time budget 20s: " in r.stdout and f"{plan['planned_epochs']} epochs planned" in r.stdout
-    assert plan["shortened"] and "time budget: behind the plan" in r.stdout  # the plan did not see the pauses
-    assert s["epochs_completed"] == plan["epochs"] < plan["planned_epochs"]
-    assert "test_acc" in metrics(out)[-1] and (out / "checkpoints" / f"epoch-{plan['epochs']:04d}").is_dir()
-    assert plan["used_s"] <= 20 * 1.05 and elapsed <= 20 * 1.05 + 1  # the summary's clock; then its write
-    assert json.loads((out / "plan.json").read_text())["epochs"] == plan["epochs"]
+    assert "time budget 20s: " in r.stdout and f"{plan['planned_steps']:,} steps planned" in r.stdout
+    assert "time budget: behind the plan" in r.stdout  # the plan did not see the pauses
+    assert plan["changes"] and plan["changes"][-1]["steps"] == plan["steps"] < plan["planned_steps"]
+    assert last["step"] == plan["steps"] and s["epochs_completed"] == plan["epochs"] == last["epoch"]
+    if plan["changes"][-1]["after_step"] < plan["steps"]:  # (unless the last look cut it to end at once)
+        assert last["lr"] == pytest.approx(0.0, abs=1e-9)  # the schedule laid over the steps trained, to its end
+    assert "test_acc" in last and (out / "checkpoints" / f"epoch-{plan['epochs']:04d}").is_dir()
+    assert 0.8 * 20 <= plan["used_s"] <= 20 * 1.05 and elapsed <= 20 * 1.05 + 1  # the summary's clock; its write
+    assert json.loads((out / "plan.json").read_text())["steps"] == plan["steps"]
+
+
+def test_two_processes_keep_one_plan_and_end_it_together(tmp_path):
+    """Every rank takes the main process's plan and its every change (they start moments apart, and a step
+    is the plan's unit): a rank that ended a step early would leave the other waiting in an all-reduce."""
+    out = tmp_path / "run"
+    r = accelerate_launch([*TINY_MODEL, "--lr", "0.05", "--log-every", "5", "--time-budget", "15s", "--output-dir",
+                           str(out)], tmp_path, timeout=120, CIFAR_DIST_SLOW_STEP="0.1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s, last = summary(out), metrics(out)[-1]
+    plan = s["time_budget"]
+    assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    assert "time budget: behind the plan" in r.stdout  # each change said once, by the main process
+    assert plan["changes"] and r.stdout.count("time budget: ") == len(plan["changes"])
+    assert last["step"] == plan["steps"] and "test_acc" in last and plan["used_s"] <= 15 * 1.05
 
 
 def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, in_process):
@@ -75,13 +115,14 @@ def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, in_process):
     first = in_process(train.main, [*BUDGETED, "--stop-after", "1", "--output-dir", str(out)])
     assert first.returncode == 0, first.stderr
     kept = json.loads((out / "plan.json").read_text())
-    assert kept["epochs"] > 1 and [m["epoch"] for m in metrics(out)] == [1]
+    assert kept["steps"] > 20 and [m["epoch"] for m in metrics(out)] == [1]
     again = in_process(train.main, [*BUDGETED, "--output-dir", str(out)])
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "time budget: the plan kept" in again.stdout
     plan = summary(out)["time_budget"]
-    assert plan["planned_epochs"] == kept["planned_epochs"] and plan["images_per_s"] == kept["images_per_s"]
+    assert plan["planned_steps"] == kept["planned_steps"] and plan["images_per_s"] == kept["images_per_s"]
     assert summary(out)["epochs_completed"] == plan["epochs"] == len(metrics(out))
+    assert metrics(out)[-1]["step"] == plan["steps"]
 
 
 @pytest.mark.parametrize("budget_arg, slurm, text", [
@@ -146,7 +187,7 @@ def test_auto_reads_accuracy_off_the_table_and_takes_the_most_accurate_that_fits
     longer = [option("quick", 9, 500, True), option("fast", 4, 520, True)]
     assert auto.decide(longer).name == "fast"
     none = [option("quick", 1, 130, False), option("fast", 1, 200, False)]
-    assert auto.decide(none).name == "quick"  # nothing fits one epoch: the quickest
+    assert auto.decide(none).name == "quick"  # nothing fits: the quickest
     line = auto.line(auto.record(auto.decide(longer), longer, {"machine": "m"}))
     assert line == "preset auto: fast, 4 epochs, 92.0% expected on CIFAR-10 (not quick, 9 epochs, 85.0%)"
 
@@ -170,7 +211,7 @@ def test_auto_chooses_measures_and_keeps_its_choice_on_a_rerun(tmp_path, in_proc
     assert choice["chosen"] == auto.decide(options).name and choice["table_machine"]
     chosen = next(o for o in options if o.name == choice["chosen"])
     # the plan takes the rate measured for the choice, a moment later (the data loaded, the model built)
-    assert chosen.epochs - 1 <= plan["planned_epochs"] <= chosen.epochs and auto.line(choice) in r.stdout
+    assert 0.8 * chosen.epochs <= plan["planned_epochs"] <= 1.2 * chosen.epochs and auto.line(choice) in r.stdout
     assert plan["images_per_s"] == chosen.images_per_s and plan["budget_s"] == choice["budget_s"] == 30
     s = summary(out)
     assert s["time_budget"]["auto"] == choice and s["preset"] == "fast"
