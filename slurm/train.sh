@@ -24,10 +24,31 @@ set -uo pipefail
 args=(--output-dir "runs/slurm-${SLURM_JOB_ID}" "$@")
 echo "$(date -Is) job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST} (restart ${SLURM_RESTART_COUNT:-0}): train.py ${args[*]}"
 
+# The run's directory: the last --output-dir wins, as in train.py. A summary.json written during this job
+# means training finished (SLURM's warning can come after the end, or up to a minute early): no requeue.
+out=""
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    --output-dir) out="${args[i + 1]:-}" ;;
+    --output-dir=*) out="${args[i]#*=}" ;;
+  esac
+done
+started=$(date +%s)
+finished() { [[ -f "${out}/summary.json" ]] && (($(stat -c %Y "${out}/summary.json") >= started)); }
+
 requeue() {
+  if finished; then
+    echo "$(date -Is) USR1: training has finished, nothing to requeue"
+    wait "${srun_pid}"
+    exit 0
+  fi
   echo "$(date -Is) USR1: asking training to checkpoint, then requeueing"
   scancel --signal=USR1 "${SLURM_JOB_ID}"   # job steps only: the launcher on every node passes it on
   wait "${srun_pid}"
+  if finished; then  # it finished its last step before the signal reached it
+    echo "$(date -Is) training finished before it could stop; not requeued"
+    exit 0
+  fi
   scontrol requeue "${SLURM_JOB_ID}"
   exit 0
 }
