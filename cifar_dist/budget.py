@@ -22,11 +22,11 @@ from cifar_dist.auto import line
 from cifar_dist.config import Config, ConfigError
 from cifar_dist.flops import tta_views
 
-# What the end of a run takes after its last evaluation (the final pictures, model.pt, summary.json) and
-# what the pace may wobble by: kept free of the plan.
-RESERVE_S, RESERVE_FRACTION = 3.0, 0.03
-# Once the run has measured its own pace, what is kept free of the plan for the pace's wobble.
-LATE_RESERVE_FRACTION = 0.01
+# Kept free of the plan (reserve()): the end of a run after its last evaluation (the final pictures,
+# model.pt, summary.json), taken to cost what an evaluated epoch's end does (its pictures, a checkpoint),
+# as measured; a second more; and a share of the budget for the pace's wobble, less once the run has
+# measured its own pace. (A constant 3 s was a sixth of a 20 s budget left unused on a busy machine.)
+RESERVE_S, RESERVE_FRACTION, LATE_RESERVE_FRACTION = 1.0, 0.03, 0.01
 EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one (a forward, no backward)
 UNITS = {"h": 3600, "m": 60, "s": 1}
 # --time-budget slurm: the job's time left, less this margin, unless one is written ("slurm-30s"): slurm/train.sh
@@ -108,7 +108,7 @@ class Plan:
     expected_s: float  # of the whole run, as planned at the start
     images_per_s: float  # the training rate the plan used (whole world)
     step_s: float  # one training step, as planned
-    eval_s: float  # one evaluation, as planned
+    eval_s: float  # an evaluated epoch's end (its evaluation, checkpoint, pictures), as planned
     started_after_s: float  # the run's own start-up before the plan (data, probes, the measurement)
     changes: list[dict[str, Any]] = field(default_factory=list)  # {after_step, steps, step_s}: moved to the pace
     auto: dict[str, Any] | None = None  # --preset auto's choice (cifar_dist.auto.record)
@@ -145,6 +145,11 @@ def evaluations(done: int, total: int, steps_per_epoch: int, eval_every: int) ->
     return max(0, last // eval_every - ended // eval_every) + (last % eval_every != 0 and last > ended)
 
 
+def reserve(budget_s: float, eval_s: float, fraction: float) -> float:
+    """Seconds kept free of the plan: the run's end (about an evaluated epoch's end), a second, a share."""
+    return RESERVE_S + eval_s + fraction * budget_s
+
+
 def cost(done: int, total: int, step_s: float, eval_s: float, steps_per_epoch: int, eval_every: int) -> float:
     """Seconds from step `done` to the end of a run of `total` steps: its training and evaluations."""
     return (total - done) * step_s + evaluations(done, total, steps_per_epoch, eval_every) * eval_s
@@ -168,18 +173,18 @@ def plan_steps(cfg: Config, budget_s: float, spent_s: float, images_per_s: float
     per_epoch = train_images // cfg.batch_size
     step_s = cfg.batch_size / images_per_s
     eval_s = eval_images * tta_views(cfg.tta) * EVAL_COST / images_per_s
-    free = budget_s - spent_s - RESERVE_S - RESERVE_FRACTION * budget_s
+    free = budget_s - spent_s - reserve(budget_s, eval_s, RESERVE_FRACTION)
     steps = max(1, fit(free, 0, step_s, eval_s, per_epoch, cfg.eval_every))
     expected = cost(0, steps, step_s, eval_s, per_epoch, cfg.eval_every)
     return Plan(budget_s=budget_s, steps=steps, planned_steps=steps, steps_per_epoch=per_epoch,
-                expected_s=round(spent_s + expected + RESERVE_S, 1), images_per_s=round(images_per_s, 1),
+                expected_s=round(spent_s + expected + RESERVE_S + eval_s, 1), images_per_s=round(images_per_s, 1),
                 step_s=round(step_s, 4), eval_s=round(eval_s, 2), started_after_s=round(spent_s, 1))
 
 
 def replan(plan: Plan, done: int, spent_s: float, step_s: float, eval_s: float, eval_every: int) -> str | None:
     """After `done` steps and `spent_s` seconds, at the pace measured: fewer steps when the plan no longer
     fits (down to ending now), more when it is well ahead; None to keep the plan, else the reason."""
-    free = plan.budget_s - spent_s - RESERVE_S - LATE_RESERVE_FRACTION * plan.budget_s
+    free = plan.budget_s - spent_s - reserve(plan.budget_s, eval_s, LATE_RESERVE_FRACTION)
     fits = fit(free, done, step_s, eval_s, plan.steps_per_epoch, eval_every)
     if fits < plan.steps:
         why = "behind"

@@ -231,6 +231,10 @@ def configure_deepspeed(accelerator: Accelerator, cfg: Config) -> None:
     accum = accelerator.gradient_accumulation_steps  # --grad-accum's steps times the forward passes of each
     ds.update(train_batch_size=cfg.batch_size, gradient_accumulation_steps=accum,
               train_micro_batch_size_per_gpu=cfg.batch_size // (accelerator.num_processes * accum))
+    # The recipe's own optimizer under ZeRO-Offload too: else Accelerate swaps any optimizer for DeepSpeed's
+    # CPU Adam with only its lr and weight decay (SGD at lr 0.2 silently becomes Adam at lr 0.2), an op
+    # built with a C++ compiler on first use (minutes on 2 cores). A config that sets it keeps its choice.
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
         # DeepSpeed's own bf16 mode breaks convs and BatchNorm on CPU; its torch autocast mode works.
         ds["bf16"] = {"enabled": False}

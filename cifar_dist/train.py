@@ -90,9 +90,11 @@ class Run:
     trace: Path | None = None  # this rank's file of trained micro-batches ($CIFAR_DIST_TRACE, tests)
     slow_s: float = 0.0  # a pause after every step ($CIFAR_DIST_SLOW_STEP: a test's busy machine)
     resumed_seconds: float = 0.0  # trained before this process (a resume): a time budget counts them
-    # a time budget's measure of the pace: (step, clock, evaluation seconds so far) at its every look
+    # a time budget's measure of the pace: (step, clock, evaluated epochs' end seconds so far) at its every look
     paces: list[tuple[int, float, float]] = field(default_factory=list)
-    eval_seconds: tuple[float, float | None] = (0.0, None)  # evaluations in this process: in all, the last
+    # the ends of the evaluated epochs in this process (evaluation, checkpoint, pictures, a search's report),
+    # counted apart from the steps: in all, the last
+    eval_seconds: tuple[float, float | None] = (0.0, None)
     curves_drawn: tuple[int, float] = (0, -math.inf)  # curves.png: the epoch it shows and the clock then
 
     @property
@@ -172,9 +174,13 @@ def run_epochs(run: Run, preemption: Preemption,
             return {"stopped": True, "epoch": epoch}
         if (sums := train_epoch(run, epoch, preemption)) is None:
             return stop(run, epoch, preemption, saved=False)
+        ended = time.perf_counter()
         metrics = end_epoch(run, epoch, sums)
         if on_epoch is not None:
             on_epoch(metrics, checkpoints(run.out)[-1])
+        if f"{run.main}_acc" in metrics:
+            took = time.perf_counter() - ended
+            run.eval_seconds = (run.eval_seconds[0] + took, took)
         if run.state.epoch < run.cfg.epochs and preemption.requested(run.accelerator):
             return stop(run, epoch + 1, preemption, saved=True)
     return finish(run)
@@ -481,8 +487,6 @@ def end_epoch(run: Run, epoch: int, sums: list[float]) -> dict[str, Any]:
         for name, split in run.evals.items():
             metrics[f"{name}_loss"], metrics[f"{name}_acc"], run.confusion = evaluate(
                 run.model, split, run.norm, cfg, accelerator)
-        took = time.perf_counter() - t0 - train_seconds
-        run.eval_seconds = (run.eval_seconds[0] + took, took)
     seconds = time.perf_counter() - t0
     metrics.update(lr=run.scheduler.get_last_lr()[0], seconds=seconds, images_per_second=count / train_seconds,
                    step=state.step)

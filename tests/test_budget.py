@@ -44,11 +44,11 @@ def cost(total, done=0):
 
 def test_the_plan_is_the_most_steps_whose_training_evaluations_and_end_fit():
     cfg, plan = plan60()
-    free = 60.0 - 5.0 - budget.RESERVE_S - budget.RESERVE_FRACTION * 60.0
+    free = 60.0 - 5.0 - budget.reserve(60.0, plan.eval_s, budget.RESERVE_FRACTION)
     assert cost(plan.steps) <= free < cost(plan.steps + 1)
-    assert plan.steps == plan.planned_steps == 480 and plan.epochs == 24 and plan.started_after_s == 5.0
+    assert plan.steps == plan.planned_steps == 498 and plan.epochs == 25 and plan.started_after_s == 5.0
     assert plan.step_s == 0.1 and plan.eval_s == pytest.approx(1 / 6, abs=0.01)
-    assert "480 steps planned (24 epochs)" in plan.line() and "does not fit" not in plan.line()
+    assert "498 steps planned (24.9 epochs)" in plan.line() and "does not fit" not in plan.line()
     odd = budget.plan_steps(cfg, 61.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
     assert odd.steps % 20 and odd.epochs == -(-odd.steps // 20)  # the last epoch a part of one
     tight = budget.plan_steps(cfg, 4.0, spent_s=5.0, images_per_s=1000.0, train_images=2000, eval_images=500)
@@ -58,12 +58,12 @@ def test_the_plan_is_the_most_steps_whose_training_evaluations_and_end_fit():
 
 def test_the_plan_moves_to_the_pace_measured_behind_or_well_ahead():
     _, plan = plan60()
-    free = 60 - 15.0 - budget.RESERVE_S - budget.LATE_RESERVE_FRACTION * 60  # after 100 steps and 15 s
+    free = 60 - 15.0 - budget.reserve(60, 1 / 6, budget.LATE_RESERVE_FRACTION)  # after 100 steps and 15 s
     assert budget.replan(plan, 100, spent_s=15.0, step_s=0.1, eval_s=1 / 6, eval_every=2) == "ahead of"
-    assert cost(plan.steps, 100) <= free < cost(plan.steps + 1, 100) and plan.steps > 480  # the start's reserve
+    assert cost(plan.steps, 100) <= free < cost(plan.steps + 1, 100) and plan.steps > 498  # the start's reserve
     assert budget.replan(plan, 120, spent_s=17.0, step_s=0.1, eval_s=1 / 6, eval_every=2) is None  # on pace
     assert budget.replan(plan, 200, spent_s=32.0, step_s=0.2, eval_s=1 / 6, eval_every=2) == "behind"
-    free = 60 - 32.0 - budget.RESERVE_S - budget.LATE_RESERVE_FRACTION * 60
+    free = 60 - 32.0 - budget.reserve(60, 1 / 6, budget.LATE_RESERVE_FRACTION)
     assert (plan.steps - 200) * 0.2 + budget.evaluations(200, plan.steps, 20, 2) / 6 <= free
     assert [c["after_step"] for c in plan.changes] == [100, 200] and plan.changes[-1]["steps"] == plan.steps
     assert budget.replan(plan, 250, spent_s=59.0, step_s=0.2, eval_s=1 / 6, eval_every=2) == "behind"
@@ -74,24 +74,27 @@ def test_the_plan_moves_to_the_pace_measured_behind_or_well_ahead():
 
 BUDGETED = [*TINY, "--time-budget", "20s"]
 SLOW = dict(CIFAR_DIST_SLOW_STEP="0.15")  # 20 steps an epoch: 3 s more an epoch than the plan measured
+# 30 s, not 20: on a busy machine (the suite's other workers) the start-up took 8 of 20 s, and the first
+# epoch's end its one-off costs (matplotlib), leaving too little to be measured at the end: 0.77x of it used
+SLOWED = [*TINY, "--time-budget", "30s"]
 
 
 def test_a_slowed_machine_shortens_the_plan_and_the_run_ends_evaluated_at_its_budget(tmp_path, in_process):
     out = tmp_path / "run"
     t0 = time.monotonic()
-    r = in_process(train.main, [*BUDGETED, "--output-dir", str(out)], **SLOW)
+    r = in_process(train.main, [*SLOWED, "--output-dir", str(out)], **SLOW)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     s, last = summary(out), metrics(out)[-1]
     plan = s["time_budget"]
-    assert "time budget 20s: " in r.stdout and f"{plan['planned_steps']:,} steps planned" in r.stdout
+    assert "time budget 30s: " in r.stdout and f"{plan['planned_steps']:,} steps planned" in r.stdout
     assert "time budget: behind the plan" in r.stdout  # the plan did not see the pauses
     assert plan["changes"] and plan["changes"][-1]["steps"] == plan["steps"] < plan["planned_steps"]
     assert last["step"] == plan["steps"] and s["epochs_completed"] == plan["epochs"] == last["epoch"]
     if plan["changes"][-1]["after_step"] < plan["steps"]:  # (unless the last look cut it to end at once)
         assert last["lr"] == pytest.approx(0.0, abs=1e-9)  # the schedule laid over the steps trained, to its end
     assert "test_acc" in last and (out / "checkpoints" / f"epoch-{plan['epochs']:04d}").is_dir()
-    assert 0.8 * 20 <= plan["used_s"] <= 20 * 1.05 and elapsed <= 20 * 1.05 + 1  # the summary's clock; its write
+    assert 0.8 * 30 <= plan["used_s"] <= 30 * 1.05 and elapsed <= 30 * 1.05 + 1  # the summary's clock; its write
     assert json.loads((out / "plan.json").read_text())["steps"] == plan["steps"]
 
 
