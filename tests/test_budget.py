@@ -102,7 +102,9 @@ def test_two_processes_keep_one_plan_and_end_it_together(tmp_path):
     """Every rank takes the main process's plan and its every change (they start moments apart, and a step
     is the plan's unit): a rank that ended a step early would leave the other waiting in an all-reduce."""
     out = tmp_path / "run"
-    r = accelerate_launch([*TINY_MODEL, "--lr", "0.05", "--log-every", "5", "--time-budget", "15s", "--output-dir",
+    # 25 s: two processes' start-up (counted) took most of 15 s on a busy machine, and the run ran past to end
+    # evaluated after its first steps, as it must
+    r = accelerate_launch([*TINY_MODEL, "--lr", "0.05", "--log-every", "5", "--time-budget", "25s", "--output-dir",
                            str(out)], tmp_path, timeout=120, CIFAR_DIST_SLOW_STEP="0.1")
     assert r.returncode == 0, r.stderr[-3000:]
     s, last = summary(out), metrics(out)[-1]
@@ -110,7 +112,7 @@ def test_two_processes_keep_one_plan_and_end_it_together(tmp_path):
     assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
     assert "time budget: behind the plan" in r.stdout  # each change said once, by the main process
     assert plan["changes"] and r.stdout.count("time budget: ") == len(plan["changes"])
-    assert last["step"] == plan["steps"] and "test_acc" in last and plan["used_s"] <= 15 * 1.05
+    assert last["step"] == plan["steps"] and "test_acc" in last and plan["used_s"] <= 25 * 1.05
 
 
 def test_a_resumed_budgeted_run_keeps_its_plan(tmp_path, in_process):
