@@ -177,8 +177,9 @@ def plan_steps(cfg: Config, budget_s: float, spent_s: float, images_per_s: float
     steps = max(1, fit(free, 0, step_s, eval_s, per_epoch, cfg.eval_every))
     expected = cost(0, steps, step_s, eval_s, per_epoch, cfg.eval_every)
     return Plan(budget_s=budget_s, steps=steps, planned_steps=steps, steps_per_epoch=per_epoch,
-                expected_s=round(spent_s + expected + RESERVE_S + eval_s, 1), images_per_s=round(images_per_s, 1),
-                step_s=round(step_s, 4), eval_s=round(eval_s, 2), started_after_s=round(spent_s, 1))
+                expected_s=round(spent_s + expected + reserve(budget_s, eval_s, 0.0), 1),
+                images_per_s=round(images_per_s, 1), step_s=round(step_s, 4), eval_s=round(eval_s, 2),
+                started_after_s=round(spent_s, 1))
 
 
 def replan(plan: Plan, done: int, spent_s: float, step_s: float, eval_s: float, eval_every: int) -> str | None:

@@ -541,7 +541,7 @@ def replan_every(plan: budget.Plan) -> int:
 
 def keep_to_budget(run: Run) -> None:
     """Every replan_every steps: the plan moved to the pace measured since about a tenth of the run ago
-    (its evaluations apart: they are counted on their own), with the schedule laid over it anew. The main
+    (evaluated epochs' ends apart: they are counted on their own), with the schedule laid over it anew. The main
     process's clock decides, for every rank alike."""
     plan, state, cfg = run.plan, run.state, run.cfg
     assert plan is not None
