@@ -74,7 +74,19 @@ def process_group(deepspeed: bool) -> tuple[PartialState, bool, dict[str, str]]:
     cpu_world = not cuda and not deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = cpu_world or parse_flag_from_env("ACCELERATE_USE_CPU")  # as AcceleratorState reads it (--cpu)
     backend = dict(backend="gloo") if deepspeed and not cuda else {}
+    if deepspeed and not cuda:
+        skip_inference_comm_op()
     return PartialState(cpu=cpu, **backend), cpu, backend
+
+
+def skip_inference_comm_op() -> None:
+    """DeepSpeed on a CPU compiles its shared-memory all-reduce (the shm_comm op) with g++ when its comm
+    starts, minutes on 2 cores at a machine's first run, for an op only inference's tensor parallelism
+    calls (`inference_all_reduce`); ZeRO's collectives are torch.distributed's (gloo) either way. Marked
+    incompatible, DeepSpeed does not build it, as on a platform without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def machine_choices(cfg: Config, state: PartialState) -> dict[str, Any]:
