@@ -81,9 +81,10 @@ def process_group(deepspeed: bool) -> tuple[PartialState, bool, dict[str, str]]:
 
 def skip_inference_comm_op() -> None:
     """DeepSpeed on a CPU compiles its shared-memory all-reduce (the shm_comm op) with g++ when its comm
-    starts, minutes on 2 cores at a machine's first run, for an op only inference's tensor parallelism
-    calls (`inference_all_reduce`); ZeRO's collectives are torch.distributed's (gloo) either way. Marked
-    incompatible, DeepSpeed does not build it, as on a platform without it."""
+    starts, at a machine's first run (20 s on an idle 2-core machine, minutes on a busy one), for an op
+    only inference's tensor parallelism calls (`inference_all_reduce`); ZeRO's collectives are
+    torch.distributed's (gloo) either way. Marked incompatible, DeepSpeed does not build it, as on a
+    platform without it."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
