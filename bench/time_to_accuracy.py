@@ -11,7 +11,8 @@ Every clock counts training and the evaluations from the first step (data loadin
 the precision probe excluded, on both sides). Ours runs with the default precision (auto); the
 tutorial in fp32, as written. The `94` row also measures `fast`'s bare training step (random tensors,
 the run's precision) at each micro-batch `--micro-batch auto` would try, and prints the time its
-training FLOPs would take at the fastest one's rate: the time to 94 % should be within 1.25x of it.
+training FLOPs would take at the fastest one's rate (to the epoch it reached 94 %, or over all it trained
+where it missed it): the run's time should be within 1.25x of it.
 One line appended to bench/results/time_to_accuracy.jsonl.
 
     python -m bench.time_to_accuracy --data-dir ../shared/cifar10
@@ -148,9 +149,11 @@ def run_row(a: argparse.Namespace, name: str, args: list[str] | None) -> tuple[d
                                seconds=f"{hit['elapsed']:.0f}" if hit else "never",
                                epoch=hit["epoch"] if hit else f">{len(history)}", precision=precision,
                                best=f"{100 * max((m.get('test_acc', 0) for m in history), default=0):.2f}")
-    if name == "94" and hit and args is not None:
-        row.update(bound(args, precision, a.ceiling_seconds, hit["epoch"]))
-        row["vs ideal"] = f"{hit['elapsed'] / row['ideal_s']:.2f}x"
+    if name == "94" and args is not None and history:
+        # the speed against the bound even when the target was missed: over the epochs the run trained
+        end = hit or history[-1]
+        row.update(bound(args, precision, a.ceiling_seconds, end["epoch"]))
+        row["vs ideal"] = f"{end['elapsed'] / row['ideal_s']:.2f}x"
     record: dict[str, Any] = dict(args=args, seconds=hit["elapsed"] if hit else None, precision=precision,
                                   history=[{k: m[k] for k in ("epoch", "test_acc", "elapsed") if k in m}
                                            for m in history],

@@ -90,6 +90,15 @@ def test_time_to_accuracy_reports_when_each_row_first_reached_its_target(cifar, 
     assert rows["94"]["gflops"] > 0 and rows["94"]["ideal_s"] > 0 and rows["quick"]["precision"] == "no"
     speed = rows["94"]["step_images_per_s"]  # the bare step at every micro-batch of whole groups; the bound at the best
     assert list(speed) == ["25", "50", "100"] and rows["94"]["micro_batch"] == int(max(speed, key=speed.get))
+    # a 94 row that misses its target is still compared with the bound, over the epochs it trained
+    missed = bench("time_to_accuracy", ["--data-dir", cifar, "--high-target", "1.0", "--train-subset", "100",
+                                        "--test-subset", "100", "--rows", "94", "--flags", "94",
+                                        f"{small} --epochs 1", "--ceiling-seconds", "0.3",
+                                        "--results", str(tmp_path / "missed.jsonl")], tmp_path)
+    assert missed.returncode == 0, missed.stderr
+    row = json.loads((tmp_path / "missed.jsonl").read_text())["rows"]["94"]
+    assert row["seconds"] is None and len(row["history"]) == 1 and row["ideal_s"] > 0
+    assert f"{row['history'][0]['elapsed'] / row['ideal_s']:.2f}x" in missed.stdout and "never" in missed.stdout
     bad = bench("time_to_accuracy", ["--rows", "quick,fastest"], tmp_path)
     assert bad.returncode == 2 and "unknown row 'fastest'" in bad.stderr
 
