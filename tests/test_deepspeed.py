@@ -43,7 +43,7 @@ def zero2_run(tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     # nothing compiled, even on a machine's first DeepSpeed run: DeepSpeed loads its shm_comm op (building it
     # with g++ the first time: 20 s alone, 3 minutes in a fresh machine's first suite) and says so, unless
-    # train.py marks it unavailable
+    # cifar_dist.distributed (skip_inference_comm_op) marks it unavailable
     assert "shm_comm" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     return out
 
