@@ -42,7 +42,10 @@ def no_wandb_key_env(tmp_path) -> dict:
     return dict(HOME=str(home), WANDB_MODE=None, WANDB_API_KEY=None)
 
 
-def test_ddp_run_logs_one_wandb_run_tensorboard_and_pictures(tmp_path, tiny_args):
+def test_a_two_process_ddp_run_is_one_world_and_logs_one_wandb_run_tensorboard_and_pictures(tmp_path, tiny_args):
+    """Real 2-process CPU DDP through `accelerate launch` (gloo), with both trackers on: one world whose
+    ranks keep the same weights, and one W&B run, one TensorBoard log and one set of pictures, from the
+    main process only. (One launch for both: each costs two ranks' start-up.)"""
     out = tmp_path / "run"
     env = no_wandb_key_env(tmp_path)
     r = accelerate_launch([*tiny_args, "--epochs", "2", "--tracker", "wandb,tensorboard", "--feature-maps-every", "1",
@@ -50,7 +53,10 @@ def test_ddp_run_logs_one_wandb_run_tensorboard_and_pictures(tmp_path, tiny_args
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("W&B: no API key and no WANDB_MODE set: logging offline") == 1
     rows = metrics(out)
-    assert summary(out)["world_size"] == 2
+    digests = summary(out)["rank_weight_digests"]
+    assert summary(out)["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]  # DDP kept them equal
+    assert [m["epoch"] for m in rows] == [1, 2] and rows[-1]["test_acc"] > 0.3
+    assert r.stdout.count("epoch   1/2 |") == 1  # one line per epoch, from the main process only
 
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs  # only the main process logs

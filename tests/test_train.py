@@ -61,7 +61,7 @@ def test_bf16_and_keep_last_checkpoints(tmp_path, tiny_args, train_here):
 
 
 # Interrupted runs, resumed, end exactly where this uninterrupted one does (run once for all of them).
-RESUMED = [*TINY, "--epochs", "6", "--log-every", "1", "--widths", "16,32", "--stem-width", "16"]
+RESUMED = [*TINY, "--epochs", "4", "--log-every", "1", "--widths", "16,32", "--stem-width", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_sigkill_mid_training_then_rerun_resumes_exactly(tmp_path, reference, tr
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout
     rows = metrics(out)
-    assert [m["epoch"] for m in rows] == [1, 2, 3, 4, 5, 6]  # every epoch exactly once
+    assert [m["epoch"] for m in rows] == [1, 2, 3, 4]  # every epoch exactly once
     # the interrupted run ends exactly where the uninterrupted one does
     assert summary(out)["rank_weight_digests"] == summary(ref)["rank_weight_digests"]
     assert rows[-1]["test_acc"] == metrics(ref)[-1]["test_acc"]
@@ -210,7 +210,7 @@ def test_signal_checkpoints_and_a_rerun_resumes_to_the_same_result(tmp_path, ref
     assert "stopped by a signal" in stdout and not (out / "summary.json").exists()
     r = train_here([*args, "--output-dir", str(out)])
     assert r.returncode == 0 and "resumed from" in r.stdout
-    assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in metrics(out)] == [1, 2, 3, 4]
     assert [m["train_loss"] for m in metrics(out)] == [m["train_loss"] for m in metrics(ref)]
     assert summary(out)["rank_weight_digests"] == summary(ref)["rank_weight_digests"]
 
