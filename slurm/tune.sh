@@ -13,6 +13,7 @@ set -uo pipefail
 PY=${PYTHON:-python3}
 export RAY_DEDUP_LOGS=0
 export RAY_prestart_worker_first_driver=0  # idle workers the trials (actors) never take
+export RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0  # it acts on an autoscaler's drain; here SLURM signals the job
 # Ray's token authentication: one fresh token for this job, passed to every node (srun exports it).
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN:-$("$PY" -c "import secrets; print(secrets.token_hex(32))")}
 read -r head_ip port < <("$PY" -m launcher --print-head) || { echo "cannot find the head node" >&2; exit 2; }
