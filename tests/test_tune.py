@@ -165,7 +165,7 @@ def test_pbt_with_two_worker_trials(tmp_path, another_ray):
     """A good and a hopeless lr, side by side (PBT runs a population of Ray Train trials at once): the
     hopeless one copies a checkpoint the good one's 2 DeepSpeed workers saved, and goes on from it on 2
     workers, beside another Ray on the machine. One perturbation: each one restarts both trials' workers
-    (4 trial starts of 9 processes each, about 180 CPU-seconds), and one is what this tests. DeepSpeed's
+    (4 trial starts of 8 processes each, about 165 CPU-seconds), and one is what this tests. DeepSpeed's
     sharded checkpoint is the harder copy; a DDP trial's checkpoint is the one the 1-worker searches copy,
     and its 2-worker world is the test below."""
     out = tmp_path / "s"
