@@ -213,7 +213,10 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_yaml(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written whole or not at all: a run killed while saving its config.yaml is still resumable."""
+    from cifar_dist.rundir import write_atomic  # (rundir reads configs: imported here, not at the top)
+
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

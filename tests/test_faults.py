@@ -187,3 +187,28 @@ def test_a_search_killed_while_tune_writes_its_state_leaves_the_last_whole_file(
     new.write_text('{"trial_data": "new"}')
     pafs.copy_files(str(new), str(state), destination_filesystem=whole_files())
     assert state.read_text() == '{"trial_data": "new"}' and state.stat().st_mode & 0o777 == new.stat().st_mode & 0o777
+
+
+def test_an_experiment_state_tune_was_rewriting_when_uploaded_is_not_put_in_place(tmp_path):
+    """Tune rewrites its staging copy of the state in place while its last upload may still be reading it
+    (search/storage.py): an upload that read it empty or cut short leaves the last whole state; a whole
+    one replaces it, and every other file (the searcher's state is a pickle) goes in as read."""
+    staging, experiment = tmp_path / "driver_artifacts", tmp_path / "ray" / "tune"
+    staging.mkdir()
+    experiment.mkdir(parents=True)
+    state = experiment / "experiment_state-1.json"
+    state.write_text('{"trial_data": ["old"]}')
+    searcher = b"\x80\x05\x95 not JSON"
+    (staging / "basic-variant-state-1.json").write_bytes(searcher)
+
+    def upload(text: str) -> None:
+        (staging / state.name).write_text(text)
+        pafs.copy_files(str(staging), str(experiment), destination_filesystem=whole_files())
+
+    for cut in ("", '{"trial_data": ["ne'):
+        upload(cut)
+        assert state.read_text() == '{"trial_data": ["old"]}'
+        assert (experiment / "basic-variant-state-1.json").read_bytes() == searcher
+        assert not list(experiment.glob(f"*{PARTIAL}*"))
+    upload('{"trial_data": ["new"]}')
+    assert state.read_text() == '{"trial_data": ["new"]}'

@@ -31,7 +31,7 @@ from cifar_dist.data import PER_FILE, SYNTHETIC_SIZES, TRAIN_FILES, data_root
 from cifar_dist.search.report import journals, trial_rows, write_best, write_record, write_table
 from cifar_dist.search.schedulers import POPULATION, SCHEDULERS, checkpoints_to_keep, make_scheduler
 from cifar_dist.search.space import SearchError, check_mutations, check_space, load_space, merged, population, to_tune
-from cifar_dist.search.storage import whole_files
+from cifar_dist.search.storage import state_problem, whole_files
 from cifar_dist.search.trial import TUNE_DIR, run_trial
 from cifar_dist.settings import allowed, describe
 
@@ -315,6 +315,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
     search_dir = (args.output_dir or Path(f"runs/search-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     if args.resume and not (tune_dir(search_dir) / "tuner.pkl").exists():
         raise SearchError(f"nothing to resume in {search_dir} (no {TUNE_DIR / 'tuner.pkl'})")
+    if args.resume and (problem := state_problem(tune_dir(search_dir))):  # Ray would start the search anew
+        raise SearchError(f"cannot resume the search in {search_dir}: {problem} (nothing was changed)")
     if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
     space, mutations = load_space(args.space)

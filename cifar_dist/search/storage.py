@@ -7,13 +7,24 @@ empty config: it would have trained another model in the trial's folder (refused
 with another config is). Written through this file system, each file goes to a temporary name and is
 renamed over the real one once complete, so after a killed process a reader finds the old file or the new
 one, never a part. (Not a machine's power loss: nothing is fsynced, which would slow every checkpoint.)
+
+Tune also rewrites its staging copy of the experiment state in place (open "w", then json.dump) while a
+background upload of the previous one may still be reading it: under load (the upload slower than the
+time between two saves) that upload read an empty file and put it in place whole, and `--resume` then
+found nothing to restore, and Ray started the search anew in the old folder. So an experiment state
+is put in place only if it is one whole JSON document; a cut one is dropped, and the next save brings
+the state on (`state_problem` is the check `--resume` makes before Ray reads it).
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import os
 import shutil
 import tempfile
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -24,15 +35,48 @@ UMASK = os.umask(0o022)  # read once (the only way), and put back
 os.umask(UMASK)
 
 
+@cache
+def state_pattern() -> str:
+    """Tune's experiment state files, `experiment_state-<session>.json` (Ray's own template)."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    return TuneController.CKPT_FILE_TMPL.format("*")
+
+
+def unreadable(path: str | Path) -> str | None:
+    """Why an experiment state file cannot be restored (empty, cut short), or None."""
+    try:
+        text = Path(path).read_text()
+        if not text.strip():
+            return "it is empty"
+        json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def state_problem(experiment_dir: Path) -> str | None:
+    """What keeps Ray from restoring this experiment (it would start it anew), or None: the state file
+    it reads, the newest, missing or damaged."""
+    states = sorted(p for p in experiment_dir.iterdir() if fnmatch.fnmatch(p.name, state_pattern()))
+    if not states:
+        return f"no Tune experiment state in {experiment_dir} (the search stopped before Tune saved one)"
+    if why := unreadable(states[-1]):
+        return f"Tune's experiment state {states[-1]} cannot be read: {why}"
+    return None
+
+
 class _Whole:
     """A file object that writes `path` under a temporary name beside it and renames it into place on
-    close; a write or close that fails removes the temporary file and leaves `path` as it was."""
+    close; a write or close that fails removes the temporary file and leaves `path` as it was. An
+    experiment state that is not whole JSON is dropped (see the module's docstring)."""
 
     def __init__(self, path: str) -> None:
         directory, name = os.path.split(path)
         fd, self.tmp = tempfile.mkstemp(prefix=name + PARTIAL, dir=directory or ".")
         os.chmod(self.tmp, 0o666 & ~UMASK)  # as open() would make it (mkstemp's is 0600)
         self.path, self.f, self.closed = path, os.fdopen(fd, "wb", buffering=0), False  # pyarrow buffers
+        self.checked = fnmatch.fnmatch(name, state_pattern())
 
     def write(self, data: Any) -> int:
         try:
@@ -52,6 +96,9 @@ class _Whole:
             return
         try:
             self.f.close()
+            if self.checked and unreadable(self.tmp):
+                self.discard()  # a staging file read while Tune rewrote it; the previous state stays
+                return
             os.replace(self.tmp, self.path)
         except BaseException:
             self.discard()
