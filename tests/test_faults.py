@@ -159,16 +159,19 @@ def test_a_disk_that_fills_mid_run_stops_with_one_line_and_the_same_command_resu
     assert summary(out)["rank_weight_digests"] == summary(reference)["rank_weight_digests"]
 
 
+OLD, NEW = '{"runner_data": {}, "trial_data": ["old"]}', '{"runner_data": {}, "trial_data": ["new"]}'  # Tune's, short
+
+
 def test_a_search_killed_while_tune_writes_its_state_leaves_the_last_whole_file(tmp_path):
     """Tune's experiment state goes through search/storage.py: a writer killed mid-file (SIGKILL: a lost
     node) leaves the previous file whole beside a partial one, not a file cut short; a finished copy (as
     Tune's sync makes it, pyarrow.fs.copy_files) replaces it whole."""
     state = tmp_path / "experiment_state-1.json"
-    state.write_text('{"trial_data": "old"}')
+    state.write_text(OLD)
     writer = ("import sys, time\nfrom cifar_dist.search.storage import whole_files\n"
               "with whole_files().open_output_stream(sys.argv[1]) as f:\n"
-              "    f.write(b'{\"trial_data\": \"ne'); f.flush(); time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", writer, str(state)], stderr=subprocess.PIPE, text=True)
+              "    f.write(sys.argv[2].encode()); f.flush(); time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(state), NEW[:37]], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         def written() -> list[Path]:
@@ -177,27 +180,28 @@ def test_a_search_killed_while_tune_writes_its_state_leaves_the_last_whole_file(
         while not (partial := written()) and time.monotonic() < deadline:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.05)
-        assert partial and partial[0].read_bytes() == b'{"trial_data": "ne'  # the new file, part written
+        assert partial and partial[0].read_bytes() == NEW[:37].encode()  # the new file, part written
     finally:
         proc.kill()
         proc.wait()
-    assert state.read_text() == '{"trial_data": "old"}'  # never a part of the new one
+    assert state.read_text() == OLD  # never a part of the new one
     new = tmp_path / "staging" / state.name
     new.parent.mkdir()
-    new.write_text('{"trial_data": "new"}')
+    new.write_text(NEW)
     pafs.copy_files(str(new), str(state), destination_filesystem=whole_files())
-    assert state.read_text() == '{"trial_data": "new"}' and state.stat().st_mode & 0o777 == new.stat().st_mode & 0o777
+    assert state.read_text() == NEW and state.stat().st_mode & 0o777 == new.stat().st_mode & 0o777
 
 
 def test_an_experiment_state_tune_was_rewriting_when_uploaded_is_not_put_in_place(tmp_path):
     """Tune rewrites its staging copy of the state in place while its last upload may still be reading it
-    (search/storage.py): an upload that read it empty or cut short leaves the last whole state; a whole
-    one replaces it, and every other file (the searcher's state is a pickle) goes in as read."""
+    (search/storage.py): an upload that read it empty or cut short (or holding no trials, which Ray cannot
+    restore either) leaves the last whole state; a whole one replaces it, and every other file (the
+    searcher's state is a pickle) goes in as read."""
     staging, experiment = tmp_path / "driver_artifacts", tmp_path / "ray" / "tune"
     staging.mkdir()
     experiment.mkdir(parents=True)
     state = experiment / "experiment_state-1.json"
-    state.write_text('{"trial_data": ["old"]}')
+    state.write_text(OLD)
     searcher = b"\x80\x05\x95 not JSON"
     (staging / "basic-variant-state-1.json").write_bytes(searcher)
 
@@ -205,10 +209,10 @@ def test_an_experiment_state_tune_was_rewriting_when_uploaded_is_not_put_in_plac
         (staging / state.name).write_text(text)
         pafs.copy_files(str(staging), str(experiment), destination_filesystem=whole_files())
 
-    for cut in ("", '{"trial_data": ["ne'):
+    for cut in ("", NEW[:30], '{"runner_data": {}, "trial_data": []}'):
         upload(cut)
-        assert state.read_text() == '{"trial_data": ["old"]}'
+        assert state.read_text() == OLD
         assert (experiment / "basic-variant-state-1.json").read_bytes() == searcher
         assert not list(experiment.glob(f"*{PARTIAL}*"))
-    upload('{"trial_data": ["new"]}')
-    assert state.read_text() == '{"trial_data": ["new"]}'
+    upload(NEW)
+    assert state.read_text() == NEW

@@ -326,14 +326,18 @@ def test_bad_input_one_line_before_any_trial(tmp_path, main_in_process, entries,
     assert not ray.is_initialized()
 
 
-@pytest.mark.parametrize("state, text", [
-    ("", "experiment_state-2026-12-07_14-50-08.json cannot be read: it is empty"),
-    ('{"trial_data": [', "experiment_state-2026-12-07_14-50-08.json cannot be read: Expecting value"),
-    (None, "no Tune experiment state in"),
+@pytest.mark.parametrize("states, text", [
+    ([""], "experiment_state-2026-12-07_14-50-08.json cannot be read (it is empty); start the search again in "
+           "another --output-dir"),
+    (['{"trial_data": ['], "experiment_state-2026-12-07_14-50-08.json cannot be read (Expecting value"),
+    (['{"runner_data": {}, "trial_data": []}'], "cannot be read (it holds no trials)"),
+    (['{"runner_data": {}, "trial_data": [["t", "m"]]}', ""],  # an older session's state, whole
+     "experiment_state-2026-12-07_14-50-09.json cannot be read (it is empty); move it aside to resume from the one before"),
+    ([], "no Tune experiment state in"),
 ])
 def test_a_search_whose_tune_state_is_damaged_is_not_resumed_and_not_started_anew(tmp_path, main_in_process,
-                                                                                  state, text):
-    """Ray, failing to read the state, would start the search anew in its folder (with trials of
+                                                                                  states, text):
+    """Ray, failing to read the newest state, would start the search anew in its folder (with trials of
     other settings beside the old ones): --resume refuses instead, with one line, before Ray starts."""
     from cifar_dist.search import cli
 
@@ -341,13 +345,13 @@ def test_a_search_whose_tune_state_is_damaged_is_not_resumed_and_not_started_ane
     experiment = out / "ray" / "tune"
     experiment.mkdir(parents=True)
     (experiment / "tuner.pkl").write_bytes(b"tuner")
-    if state is not None:
-        (experiment / "experiment_state-2026-12-07_14-50-08.json").write_text(state)
+    for second, state in enumerate(states):
+        (experiment / f"experiment_state-2026-12-07_14-50-{8 + second:02d}.json").write_text(state)
     before = sorted((p, p.read_bytes()) for p in out.rglob("*") if p.is_file())
     code, err = main_in_process(cli.main, [*DATA, "--space", space(tmp_path), "--num-samples", "1",
                                            "--output-dir", str(out), "--resume"])
     assert_one_line_error(code, err, text)
-    assert "cannot resume the search in" in err and "(nothing was changed)" in err
+    assert f"cannot resume the search in {out} (nothing was changed)" in err
     assert sorted((p, p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
     import ray
 

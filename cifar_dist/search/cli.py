@@ -180,10 +180,10 @@ def start_ray(args: argparse.Namespace, trials: int) -> None:
     """Start or join Ray; refuse a trial (or, for PBT over Ray Train trials, a population) it cannot hold.
     The dashboard runs for Ray Train trials: it serves the state API through which Ray Train frees the
     workers of a trial that Tune stopped (ASHA) or paused (PBT); without it they would hold their CPUs."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # (read when ray is imported)
     import ray
 
     check_address(args.address)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # A local Ray starts one idle Python worker per CPU for the first driver; a search's trials are actors
     # that never took them (measured: ~1.5 CPU-s each, every search, for nothing).
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
@@ -316,7 +316,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any], dict[str, A
     if args.resume and not (tune_dir(search_dir) / "tuner.pkl").exists():
         raise SearchError(f"nothing to resume in {search_dir} (no {TUNE_DIR / 'tuner.pkl'})")
     if args.resume and (problem := state_problem(tune_dir(search_dir))):  # Ray would start the search anew
-        raise SearchError(f"cannot resume the search in {search_dir}: {problem} (nothing was changed)")
+        raise SearchError(f"cannot resume the search in {search_dir} (nothing was changed): {problem}")
     if not args.resume and search_dir.exists() and any(search_dir.iterdir()):
         raise SearchError(f"{search_dir} already holds a search; use --resume or another --output-dir")
     space, mutations = load_space(args.space)

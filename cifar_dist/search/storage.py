@@ -44,25 +44,30 @@ def state_pattern() -> str:
 
 
 def unreadable(path: str | Path) -> str | None:
-    """Why an experiment state file cannot be restored (empty, cut short), or None."""
+    """Why an experiment state file cannot be restored (empty, cut short, no trials), or None."""
     try:
-        text = Path(path).read_text()
-        if not text.strip():
+        data = Path(path).read_bytes()
+        if not data.strip():
             return "it is empty"
-        json.loads(text)
+        state = json.loads(data)  # Ray's own reader is a json.JSONDecoder too
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return str(e).splitlines()[0]
+    if not isinstance(state, dict) or "runner_data" not in state or not state.get("trial_data"):
+        return "it holds no trials"  # Ray's restore fails on it (and would start the search anew)
     return None
 
 
 def state_problem(experiment_dir: Path) -> str | None:
-    """What keeps Ray from restoring this experiment (it would start it anew), or None: the state file
-    it reads, the newest, missing or damaged."""
+    """What keeps Ray from restoring this experiment (it would start it anew), and what to do, or None:
+    the state file it reads (the newest by name, as Ray takes it) missing or unreadable."""
     states = sorted(p for p in experiment_dir.iterdir() if fnmatch.fnmatch(p.name, state_pattern()))
     if not states:
-        return f"no Tune experiment state in {experiment_dir} (the search stopped before Tune saved one)"
+        return (f"no Tune experiment state in {experiment_dir}: the search stopped before Tune saved one; "
+                "start it again in another --output-dir")
     if why := unreadable(states[-1]):
-        return f"Tune's experiment state {states[-1]} cannot be read: {why}"
+        then = "move it aside to resume from the one before" if len(states) > 1 else "start the search again in " \
+            "another --output-dir"
+        return f"Tune's experiment state {states[-1]} cannot be read ({why}); {then}"
     return None
 
 
@@ -73,10 +78,10 @@ class _Whole:
 
     def __init__(self, path: str) -> None:
         directory, name = os.path.split(path)
+        self.checked = fnmatch.fnmatch(name, state_pattern())  # (before the file: an import that fails leaks none)
         fd, self.tmp = tempfile.mkstemp(prefix=name + PARTIAL, dir=directory or ".")
         os.chmod(self.tmp, 0o666 & ~UMASK)  # as open() would make it (mkstemp's is 0600)
         self.path, self.f, self.closed = path, os.fdopen(fd, "wb", buffering=0), False  # pyarrow buffers
-        self.checked = fnmatch.fnmatch(name, state_pattern())
 
     def write(self, data: Any) -> int:
         try:
