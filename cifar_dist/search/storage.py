@@ -12,8 +12,9 @@ Tune also rewrites its staging copy of the experiment state in place (open "w", 
 background upload of the previous one may still be reading it: under load (the upload slower than the
 time between two saves) that upload read an empty file and put it in place whole, and `--resume` then
 found nothing to restore, and Ray started the search anew in the old folder. So an experiment state
-is put in place only if it is one whole JSON document; a cut one is dropped, and the next save brings
-the state on (`state_problem` is the check `--resume` makes before Ray reads it).
+is put in place only if Ray could restore it (`unreadable`: one whole JSON document, with trials); a cut
+one is dropped, and the next save brings the state on (`state_problem` is the check `--resume` makes
+before Ray reads it).
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def state_problem(experiment_dir: Path) -> str | None:
         return (f"no Tune experiment state in {experiment_dir}: the search stopped before Tune saved one; "
                 "start it again in another --output-dir")
     if why := unreadable(states[-1]):
-        then = "move it aside to resume from the one before" if len(states) > 1 else "start the search again in " \
-            "another --output-dir"
+        then = ("move it aside to resume from the one before" if len(states) > 1
+                else "start the search again in another --output-dir")
         return f"Tune's experiment state {states[-1]} cannot be read ({why}); {then}"
     return None
 
@@ -74,7 +75,7 @@ def state_problem(experiment_dir: Path) -> str | None:
 class _Whole:
     """A file object that writes `path` under a temporary name beside it and renames it into place on
     close; a write or close that fails removes the temporary file and leaves `path` as it was. An
-    experiment state that is not whole JSON is dropped (see the module's docstring)."""
+    experiment state that Ray could not restore is dropped (see the module's docstring)."""
 
     def __init__(self, path: str) -> None:
         directory, name = os.path.split(path)
