@@ -41,11 +41,34 @@ def make_scheduler(name: str, max_epochs: int, mutations: dict[str, Any], grace_
     if name == "pb2":
         from ray.tune.schedulers.pb2 import PB2
 
-        return PB2(hyperparam_bounds=mutations_for(name, mutations), **common)
+        return type("PB2", (SyncAfterResume, PB2), {})(hyperparam_bounds=mutations_for(name, mutations), **common)
     from ray.tune.schedulers import PopulationBasedTraining
 
-    return PopulationBasedTraining(hyperparam_mutations=mutations_for(name, mutations), perturbation_factors=FACTORS,
-                                   resample_probability=RESAMPLE, **common)
+    return type("PopulationBasedTraining", (SyncAfterResume, PopulationBasedTraining), {})(
+        hyperparam_mutations=mutations_for(name, mutations), perturbation_factors=FACTORS,
+        resample_probability=RESAMPLE, **common)
+
+
+class SyncAfterResume:
+    """Synchronous PBT (and PB2) whose next synchronisation is always ahead of every trial. Ray moves it,
+    at each one, to max(its previous value + the interval, the latest trial's epoch) and runs only trials
+    behind it. A resumed search (`--resume`) has a new scheduler, whose previous value is the first
+    interval whatever epoch the trials had reached: at the first synchronisation after the resume the
+    next one became the trials' own epoch, no trial was behind it, and the search waited for ever
+    (measured: trials paused at epoch 2 of 3, the driver saving its state in a loop). Here it is moved
+    past the latest trial's epoch too, which in a search never resumed it already is."""
+
+    _next_perturbation_sync: float
+    _perturbation_interval: float
+    _trial_state: dict[Any, Any]
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        before = self._next_perturbation_sync
+        decision = super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+        if self._next_perturbation_sync != before:  # a synchronisation happened
+            latest = max(state.last_train_time for state in self._trial_state.values())
+            self._next_perturbation_sync = max(self._next_perturbation_sync, latest + self._perturbation_interval)
+        return decision
 
 
 def checkpoints_to_keep(name: str, interval: int) -> int:
