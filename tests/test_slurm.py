@@ -161,24 +161,6 @@ def wait_for(cluster, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEO
     raise AssertionError(f"job {job_id} not {'/'.join(states)} after {limit:.0f}s: {job(cluster, job_id)}{logs}")
 
 
-def test_sbatch_two_nodes_trains_one_ddp_world(cluster, tmp_path):
-    out = tmp_path / "run"
-    # no thread count of the user's: the allocation's 1 CPU per task decides, on a cluster whose
-    # affinity mask is the whole machine (no task/affinity plugin)
-    j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
-               [*TINY_MODEL, "--epochs", "2", "--output-dir", str(out)], tmp_path, unset=("OMP_NUM_THREADS",))
-    info = wait_for(cluster, j)
-    log = (tmp_path / f"slurm-{j}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log[-3000:]
-    assert "with 1 thread(s) each (auto: 1 cores (SLURM_CPUS_PER_TASK) / 1 process(es))" in log, log[-3000:]
-    s = summary(out)
-    assert s["world_size"] == 2 and s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
-    assert [m["epoch"] for m in metrics(out)] == [1, 2]
-    assert (out / "model.pt").is_file() and (out / "curves.png").is_file()
-    assert "node 0/2" in log and "node 1/2" in log  # each node its own rank
-    assert log.count("epoch   2/2 |") == 1
-
-
 def test_a_slurm_time_budget_is_the_jobs_time_left_less_its_margin(cluster, tmp_path):
     """--time-budget slurm-95s in a job of 2 minutes (USR1 5 s before its end, which SLURM may send up to
     a minute early): the budget is what squeue gave the job when training planned, less 95 s; the job ends
@@ -196,22 +178,34 @@ def test_a_slurm_time_budget_is_the_jobs_time_left_less_its_margin(cluster, tmp_
     assert plan["used_s"] <= 1.05 * plan["budget_s"] and "test_acc" in metrics(out)[-1]
 
 
-def test_signalled_job_checkpoints_requeues_and_resumes_every_epoch_once(cluster, tmp_path):
+def test_sbatch_two_nodes_trains_one_ddp_world_that_a_signal_requeues_and_resumes_every_epoch_once(cluster, tmp_path):
+    """One two-node job (one run of the cluster's, for both things): one DDP world over the nodes, whose
+    threads are the allocation's; then USR1, as SLURM sends it before the time limit: it checkpoints,
+    requeues and resumes, every epoch once."""
     e, _ = cluster
     out = tmp_path / "run"
+    # no thread count of the user's: the allocation's 1 CPU per task decides, on a cluster whose
+    # affinity mask is the whole machine (no task/affinity plugin)
     j = sbatch(cluster, "train.sh", ["--nodes=2", "--cpus-per-task=1"],
-               [*TINY_MODEL, "--epochs", "6", "--log-every", "1", "--output-dir", str(out)], tmp_path)
+               [*TINY_MODEL, "--epochs", "6", "--log-every", "1", "--output-dir", str(out)], tmp_path,
+               unset=("OMP_NUM_THREADS",))
     assert wait_for_file(out / "checkpoints" / "epoch-0002", timeout=240, poll=0.1)
     # what SLURM does at --signal=B:USR1@<seconds> before the time limit: USR1 to the batch shell
     subprocess.run(["scancel", "--batch", "--signal=USR1", j], env=e, check=True)
     info = wait_for(cluster, j, states=("PENDING",), timeout=120)
     assert info["Restarts"] == "1"  # requeued; it starts again once the cluster's cred_expire (10 s) has passed
     info = wait_for(cluster, j)
-    log = (tmp_path / f"slurm-{j}.out").read_text()
+    log = (tmp_path / f"slurm-{j}.out").read_text()  # both starts' output (train.sh: --open-mode=append)
     assert info["JobState"] == "COMPLETED", log[-3000:]
     assert "stopped by a signal" in log and "resumed from" in log and "(restart 1)" in log
+    assert log.count("with 1 thread(s) each (auto: 1 cores (SLURM_CPUS_PER_TASK) / 1 process(es))") == 2, log[-3000:]
+    assert "node 0/2" in log and "node 1/2" in log  # each node its own rank
     assert [m["epoch"] for m in metrics(out)] == list(range(1, 7))  # every epoch exactly once
-    assert summary(out)["epochs_completed"] == 6 and summary(out)["world_size"] == 2
+    assert log.count("epoch   6/6 |") == 1
+    s = summary(out)
+    assert s["epochs_completed"] == 6 and s["world_size"] == 2
+    assert s["rank_weight_digests"][0] == s["rank_weight_digests"][1]
+    assert (out / "model.pt").is_file() and (out / "curves.png").is_file()
 
 
 @pytest.mark.timeout(600)
