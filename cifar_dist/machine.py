@@ -37,6 +37,10 @@ BF16_WARN_SLOWDOWN = 2.0
 # `fast` images takes over a minute; the ratio of the two precisions is what is measured, not the step).
 PROBE_MAX_BATCH = 256
 PROBE_STEPS = 2  # timed steps of each precision, after one untimed step
+# A first look at this many images: a bf16 step this many times slower than fp32's there is emulated
+# bf16 (no AVX512-BF16/AMX), whatever the batch, and the probe ends (seconds, not a minute, on AVX2).
+PROBE_FIRST_BATCH = 16
+EMULATED_SLOWDOWN = 4
 
 
 # --- who launched us, and what they said ------------------------------------------------------------
@@ -276,30 +280,45 @@ def write_cache(key: str, result: dict[str, Any]) -> None:
 
 def measure(cfg: Config, batch: int) -> dict[str, float]:
     """Seconds per training step (forward, backward, SGD step) of this model in fp32 and in bf16 autocast
-    (as Accelerate runs bf16 on a CPU), on random images: one untimed step, then up to PROBE_STEPS timed.
-    bf16 stops after one timed step when that was already 4x fp32's (emulated bf16: the answer is plain)."""
+    (as Accelerate runs bf16 on a CPU), on random images. First at PROBE_FIRST_BATCH images: where bf16 is
+    already EMULATED_SLOWDOWN times slower there, the answer is plain (no native bf16: AVX2) and that is it,
+    for an emulated bf16 step of 256 `fast` images takes over half a minute. Else at `batch`."""
     torch.manual_seed(0)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(memory_format=memory).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    group = cfg.model.bn_group or 1  # whole BatchNorm groups
+    small = min(batch, max(group, PROBE_FIRST_BATCH // group * group))
+    first = step_seconds(cfg, model, optimizer, small, timed=1)
+    if small == batch or first["speedup"] <= 1 / EMULATED_SLOWDOWN:
+        return first
+    return step_seconds(cfg, model, optimizer, batch, timed=PROBE_STEPS)
+
+
+def step_seconds(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int,
+                 timed: int) -> dict[str, float]:
+    """One untimed step (it builds the oneDNN kernels), then up to `timed` timed steps of each precision;
+    bf16 stops after one when that was already EMULATED_SLOWDOWN times fp32's."""
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, cfg.model.image_size, cfg.model.image_size).to(memory_format=memory)
     y = torch.randint(0, cfg.model.num_classes, (batch,))
     seconds: dict[str, float] = {}
     for name in ("fp32", "bf16"):
         times = []
-        for i in range(PROBE_STEPS + 1):
+        for i in range(timed + 1):
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if i > 0:  # the first step builds the kernels (oneDNN primitives): untimed
+            if i > 0:
                 times.append(time.perf_counter() - t0)
-            if name == "bf16" and times and times[-1] > 4 * seconds["fp32"]:
+            if name == "bf16" and times and times[-1] > EMULATED_SLOWDOWN * seconds["fp32"]:
                 break
         seconds[name] = sum(times) / len(times)
-    return dict(fp32_step_s=seconds["fp32"], bf16_step_s=seconds["bf16"], speedup=seconds["fp32"] / seconds["bf16"])
+    return dict(fp32_step_s=seconds["fp32"], bf16_step_s=seconds["bf16"], speedup=seconds["fp32"] / seconds["bf16"],
+                measured_batch=batch)
 
 
 def probe(cfg: Config, processes: int) -> dict[str, Any]:

@@ -367,7 +367,8 @@ def precision_line(run: Run) -> str:
         notes.append("accelerate launch's 'no' above is its default, not a choice: --mixed-precision no for fp32")
     line = f"precision: {chosen}" + (f" ({'; '.join(notes)})" if notes else "")
     if probe := c["precision_probe"]:
-        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {probe['batch']}, "
+        batch = probe.get("measured_batch", probe["batch"])  # emulated bf16 is plain at the probe's first look
+        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {batch}, "
                  f"{'cached' if probe['cached'] else 'measured now'})")
     return line
 
