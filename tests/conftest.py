@@ -33,6 +33,11 @@ TINY_MODEL = ["--dataset", "synthetic", "--stem-width", "8", "--widths", "8,16",
               "--strides", "1,2", "--head", "gap", "--batch-size", "100"]
 # fp32, whatever this CPU's bf16 speed: a test's result does not depend on the machine's precision probe
 TINY = [*TINY_MODEL, "--lr", "0.05", "--log-every", "5", "--mixed-precision", "no"]
+# What a budgeted run's end (its last evaluation, pictures, model.pt, summary) may take beyond what its plan
+# kept free, beside the suite's other workers: a SLURM job used 15.1 s of a 14 s budget (11.4 of it start-up,
+# the end 2.6 where the plan kept 1.3) and a Tune trial 21.6 of 20, on an AVX2 EPYC. A relative bound
+# (5 %) of budgets this small is under a second.
+BUDGET_END_UNDER_LOAD_S = 2.0
 
 
 # Every test that waits on a process gives up on its own before pytest-timeout would kill it, with the

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, env, metrics, run, summary, time_left, wait_for_file
+from conftest import BUDGET_END_UNDER_LOAD_S, ROOT, TINY_MODEL, env, metrics, run, summary, time_left, wait_for_file
 
 # One test worker for the module: its cluster listens on fixed ports.
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("slurm")]
@@ -175,7 +175,7 @@ def test_a_slurm_time_budget_is_the_jobs_time_left_less_its_margin(cluster, tmp_
     assert f"time budget {plan['budget_s']:.0f}s: " in log
     left = plan["budget_s"] - plan["started_after_s"] + 95  # squeue's time left when the plan was made
     assert 80 <= left <= 120, plan  # the job's 2 minutes, less its start-up before the plan (busy: seconds)
-    assert plan["used_s"] <= 1.05 * plan["budget_s"] and "test_acc" in metrics(out)[-1]
+    assert plan["used_s"] <= plan["budget_s"] + BUDGET_END_UNDER_LOAD_S and "test_acc" in metrics(out)[-1]
 
 
 def test_sbatch_two_nodes_trains_one_ddp_world_that_a_signal_requeues_and_resumes_every_epoch_once(cluster, tmp_path):

@@ -11,7 +11,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import ROOT, assert_one_line_error, env, free_port, kill_tree, metrics, run, summary
+from conftest import (
+    BUDGET_END_UNDER_LOAD_S,
+    ROOT,
+    assert_one_line_error,
+    env,
+    free_port,
+    kill_tree,
+    metrics,
+    run,
+    summary,
+)
 
 # The searches of this module run two at a time, each with a Ray of its own (two searches on one machine
 # must work: see another_ray below), in two groups of about the same length (ray-a, ray-b): more at once
@@ -144,9 +154,7 @@ def test_failing_trial_is_retried_reported_failed_and_the_search_completes(tmp_p
     assert by_batch["100"]["status"] == "completed" and "a 20s budget each" in r.stdout
     plan = summary(out / "trials" / by_batch["100"]["trial"])["time_budget"]
     assert plan["budget_s"] == 20 and int(by_batch["100"]["epochs"]) == plan["epochs"] >= 1  # its own plan, ended
-    # within the budget but for the end of a run under load: 21.6 s once, on an AVX2 EPYC beside the suite's
-    # other workers and Ray (its steps 5x the pace it had planned with); 14.5 on an idle one
-    assert plan["used_s"] <= 20 * 1.1
+    assert plan["used_s"] <= 20 + BUDGET_END_UNDER_LOAD_S  # (14.5 s once on an idle machine)
     failed = next(p.name.removesuffix(".events.jsonl") for p in (out / "trials").glob("*.events.jsonl")
                   if p.name.removesuffix(".events.jsonl").endswith("00001"))
     assert [e["event"] for e in journal(out, failed)] == ["start", "start"]  # tried, then retried once
