@@ -110,6 +110,24 @@ def test_probe_is_measured_once_per_machine_and_model(monkeypatch, tmp_path):
     assert len(json.loads(machine.cache_path().read_text())) == 2
 
 
+@pytest.mark.parametrize("first_speedup, bn_group, timed", [
+    (0.07, 0, [(16, 1)]),  # emulated bf16 (an AVX2 EPYC: 0.07x at 16 images): the first look is the answer
+    (0.9, 0, [(16, 1), (100, machine.PROBE_STEPS)]),  # else the run's own batch is measured
+    (1.6, 25, [(25, 1), (100, machine.PROBE_STEPS)]),  # a first look of whole BatchNorm groups
+])
+def test_the_probe_ends_at_its_first_look_where_bf16_is_emulated(monkeypatch, first_speedup, bn_group, timed):
+    calls = []
+
+    def step_seconds(cfg, model, optimizer, batch, timed):
+        calls.append((batch, timed))
+        speedup = first_speedup if len(calls) == 1 else 1.2
+        return dict(fp32_step_s=1.0, bf16_step_s=1 / speedup, speedup=speedup, measured_batch=batch)
+
+    monkeypatch.setattr(machine, "step_seconds", step_seconds)
+    result = machine.measure(resolve([*TINY_MODEL, "--bn-group", str(bn_group)]), batch=100)
+    assert calls == timed and result["measured_batch"] == timed[-1][0]
+
+
 def launch(args: list[str], cwd, nproc: int, **extra: str | None) -> subprocess.CompletedProcess:
     """`accelerate launch` as the README writes it: no precision flag, no thread count."""
     world = ["--multi_gpu", "--num_processes", str(nproc)] if nproc > 1 else ["--num_processes", "1"]
