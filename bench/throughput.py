@@ -148,7 +148,7 @@ def emulated_bf16() -> str:
     if torch.cuda.is_available():
         return ""
     look = machine.measure(resolve(["--preset", "seed3"]), machine.PROBE_FIRST_BATCH)
-    if look["speedup"] > 1 / machine.EMULATED_SLOWDOWN:
+    if not machine.emulated(look["speedup"]):
         return ""
     return (f"this CPU's bf16 is emulated (torch CPU capability {torch.backends.cpu.get_cpu_capability()}): a seed3 "
             f"step at {look['measured_batch']} images ran at {look['speedup']:.2f}x fp32's speed")
@@ -161,14 +161,15 @@ def presets_table(a: argparse.Namespace, bf16: bool = True) -> list[dict]:
     for preset in [x for x in a.presets.split(",") if x]:
         row: dict[str, Any] = dict(preset=preset)
         for precision in ("no", "bf16"):
-            if precision == "bf16" and not bf16:
-                row.update({f"bf16{'+compile' if c else ''}": None for c in ([False, True] if a.compile else [False])})
-                continue
             for compiled in ([False, True] if a.compile else [False]):
+                key = f"{'fp32' if precision == 'no' else precision}{'+compile' if compiled else ''}"
+                if precision == "bf16" and not bf16:
+                    row[key] = None  # emulated here: not measured (main says why)
+                    continue
                 n = a.images if preset != "resnet18" else max(1024, a.images // 5)  # resnet18 is ~20x the work
                 n = max(n, 3 * resolve(["--preset", preset]).batch_size)  # at least 3 steps of the recipe's batch
                 ips = ours(a.data_dir, n, preset, precision, compiled, [], test_images=a.test_images)
-                row[f"{'fp32' if precision == 'no' else precision}{'+compile' if compiled else ''}"] = round(ips)
+                row[key] = round(ips)
                 print(f"  {preset} {precision} compile={compiled}: {ips:.0f} img/s", flush=True)
         grid.append(row)
     if grid:

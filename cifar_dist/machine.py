@@ -290,9 +290,14 @@ def measure(cfg: Config, batch: int) -> dict[str, float]:
     group = cfg.model.bn_group or 1  # whole BatchNorm groups
     small = min(batch, max(group, PROBE_FIRST_BATCH // group * group))
     first = step_seconds(cfg, model, optimizer, small, timed=1)
-    if small == batch or first["speedup"] <= 1 / EMULATED_SLOWDOWN:
+    if small == batch or emulated(first["speedup"]):
         return first
     return step_seconds(cfg, model, optimizer, batch, timed=PROBE_STEPS)
+
+
+def emulated(speedup: float) -> bool:
+    """Whether a measured bf16 speed-up (fp32's step time over bf16's) is that of an emulated bf16."""
+    return speedup <= 1 / EMULATED_SLOWDOWN
 
 
 def step_seconds(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int,
