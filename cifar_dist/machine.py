@@ -36,10 +36,15 @@ BF16_WARN_SLOWDOWN = 2.0
 # The probe's batch: the run's per-process batch, at most this many images (an emulated bf16 step of 1,024
 # `fast` images takes over a minute; the ratio of the two precisions is what is measured, not the step).
 PROBE_MAX_BATCH = 256
-PROBE_STEPS = 2  # timed steps of each precision, after one untimed step
-# A first look at this many images: a bf16 step this many times slower than fp32's there is emulated
-# bf16 (no AVX512-BF16/AMX), whatever the batch, and the probe ends (seconds, not a minute, on AVX2).
+PROBE_STEPS = 2  # timed steps of each precision, after one untimed step; the least counts (load only adds time)
+# A first look at this many images, on one thread timed by its own CPU time: a bf16 step this many times
+# slower than fp32's there is emulated bf16 (no AVX512-BF16/AMX), whatever the batch, and the probe ends
+# (seconds, not a minute, on AVX2). The CPU time of one thread is what other processes cannot lengthen:
+# beside a busy test suite, wall-clock steps on two threads read an AVX2 CPU's emulated bf16 as 0.2-0.6x
+# fp32 (its short fp32 kernels wait on a descheduled thread at every barrier), and it went unseen; one
+# thread's CPU time read 0.09-0.12x there, as it does idle.
 PROBE_FIRST_BATCH = 16
+PROBE_FIRST_STEPS = 1
 EMULATED_SLOWDOWN = 4
 
 
@@ -282,14 +287,20 @@ def measure(cfg: Config, batch: int) -> dict[str, float]:
     """Seconds per training step (forward, backward, SGD step) of this model in fp32 and in bf16 autocast
     (as Accelerate runs bf16 on a CPU), on random images. First at PROBE_FIRST_BATCH images: where bf16 is
     already EMULATED_SLOWDOWN times slower there, the answer is plain (no native bf16: AVX2) and that is it,
-    for an emulated bf16 step of 256 `fast` images takes over half a minute. Else at `batch`."""
+    for an emulated bf16 step of 256 `fast` images takes over half a minute. Else at `batch`, on every
+    thread, by the wall clock: the speed a run will see."""
     torch.manual_seed(0)
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = build_model(cfg.model).to(memory_format=memory).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     group = cfg.model.bn_group or 1  # whole BatchNorm groups
     small = min(batch, max(group, PROBE_FIRST_BATCH // group * group))
-    first = step_seconds(cfg, model, optimizer, small, timed=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = step_seconds(cfg, model, optimizer, small, timed=PROBE_FIRST_STEPS, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
     if small == batch or emulated(first["speedup"]):
         return first
     return step_seconds(cfg, model, optimizer, batch, timed=PROBE_STEPS)
@@ -301,29 +312,26 @@ def emulated(speedup: float) -> bool:
 
 
 def step_seconds(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int,
-                 timed: int) -> dict[str, float]:
-    """One untimed step (it builds the oneDNN kernels), then up to `timed` timed steps of each precision;
-    bf16 stops after one when that was already EMULATED_SLOWDOWN times fp32's."""
+                 timed: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """One untimed step (it builds the oneDNN kernels), then `timed` timed steps of each precision, by
+    `clock`; the least of each counts."""
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, cfg.model.image_size, cfg.model.image_size).to(memory_format=memory)
     y = torch.randint(0, cfg.model.num_classes, (batch,))
     seconds: dict[str, float] = {}
     for name in ("fp32", "bf16"):
         times = []
-        for i in range(timed + 1):
-            t0 = time.perf_counter()
+        for _ in range(timed + 1):
+            t0 = clock()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
                 loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if i > 0:
-                times.append(time.perf_counter() - t0)
-            if name == "bf16" and times and times[-1] > EMULATED_SLOWDOWN * seconds["fp32"]:
-                break
-        seconds[name] = sum(times) / len(times)
+            times.append(clock() - t0)
+        seconds[name] = min(times[1:])
     return dict(fp32_step_s=seconds["fp32"], bf16_step_s=seconds["bf16"], speedup=seconds["fp32"] / seconds["bf16"],
-                measured_batch=batch)
+                measured_batch=batch, measured_threads=torch.get_num_threads())
 
 
 def probe(cfg: Config, processes: int) -> dict[str, Any]:

@@ -368,7 +368,9 @@ def precision_line(run: Run) -> str:
     line = f"precision: {chosen}" + (f" ({'; '.join(notes)})" if notes else "")
     if probe := c["precision_probe"]:
         batch = probe.get("measured_batch", probe["batch"])  # emulated bf16 is plain at the probe's first look
-        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {batch}, "
+        n = probe.get("measured_threads")  # absent from a cache written before it was recorded
+        threads = f" on {n} thread{'s' if n != 1 else ''}" if n else ""
+        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {batch}{threads}, "
                  f"{'cached' if probe['cached'] else 'measured now'})")
     return line
 

@@ -4,8 +4,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from cifar_dist import machine
 from cifar_dist.config import resolve
@@ -111,14 +113,14 @@ def test_probe_is_measured_once_per_machine_and_model(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("first_speedup, bn_group, timed", [
-    (0.07, 0, [(16, 1)]),  # emulated bf16 (an AVX2 EPYC: 0.07x at 16 images): the first look is the answer
-    (0.9, 0, [(16, 1), (100, machine.PROBE_STEPS)]),  # else the run's own batch is measured
-    (1.6, 25, [(25, 1), (100, machine.PROBE_STEPS)]),  # a first look of whole BatchNorm groups
+    (0.07, 0, [(16, machine.PROBE_FIRST_STEPS)]),  # emulated bf16 (an AVX2 EPYC: 0.07x at 16 images): the first look is the answer
+    (0.9, 0, [(16, machine.PROBE_FIRST_STEPS), (100, machine.PROBE_STEPS)]),  # else the run's own batch is measured
+    (1.6, 25, [(25, machine.PROBE_FIRST_STEPS), (100, machine.PROBE_STEPS)]),  # a first look of whole BatchNorm groups
 ])
 def test_the_probe_ends_at_its_first_look_where_bf16_is_emulated(monkeypatch, first_speedup, bn_group, timed):
     calls = []
 
-    def step_seconds(cfg, model, optimizer, batch, timed):
+    def step_seconds(cfg, model, optimizer, batch, timed, clock=None):
         calls.append((batch, timed))
         speedup = first_speedup if len(calls) == 1 else 1.2
         return dict(fp32_step_s=1.0, bf16_step_s=1 / speedup, speedup=speedup, measured_batch=batch)
@@ -126,6 +128,44 @@ def test_the_probe_ends_at_its_first_look_where_bf16_is_emulated(monkeypatch, fi
     monkeypatch.setattr(machine, "step_seconds", step_seconds)
     result = machine.measure(resolve([*TINY_MODEL, "--bn-group", str(bn_group)]), batch=100)
     assert calls == timed and result["measured_batch"] == timed[-1][0]
+
+
+class Paced(torch.nn.Module):
+    """A model whose step we set: each forward spends `fp32_s` of its thread's CPU time (`bf16_s` under bf16
+    autocast), and every fp32 forward sleeps `pause_s` first: the time a busy machine's other processes
+    take from it. Its own compute (one small linear layer) is a fraction of a millisecond."""
+
+    def __init__(self, fp32_s: float, bf16_s: float, pause_s: float) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 32 * 32, 10)
+        self.fp32_s, self.bf16_s, self.pause_s = fp32_s, bf16_s, pause_s
+        self.calls: list[tuple[str, int, int]] = []  # precision, batch, torch's threads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bf16 = torch.is_autocast_enabled("cpu")
+        self.calls.append(("bf16" if bf16 else "fp32", len(x), torch.get_num_threads()))
+        if not bf16:
+            time.sleep(self.pause_s)
+        end = time.thread_time() + (self.bf16_s if bf16 else self.fp32_s)
+        while time.thread_time() < end:
+            pass
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("bf16_s, emulated", [(0.05, True), (0.01, False)])
+def test_the_probe_first_look_is_one_threads_cpu_time_that_load_does_not_lengthen(monkeypatch, bf16_s, emulated):
+    # fp32 steps of 10 ms CPU, each 50 ms off the CPU: by the wall clock bf16 would look 1.2x faster
+    model = Paced(fp32_s=0.01, bf16_s=bf16_s, pause_s=0.05)
+    monkeypatch.setattr(machine, "build_model", lambda spec: model)
+    threads = torch.get_num_threads()
+    result = machine.measure(resolve([*TINY_MODEL]), batch=100)
+    looked = [c for c in model.calls if c[1] == machine.PROBE_FIRST_BATCH]
+    assert {c[2] for c in looked} == {1} and torch.get_num_threads() == threads  # one thread, then as before
+    assert len(looked) == 2 * (1 + machine.PROBE_FIRST_STEPS)
+    assert machine.emulated(result["speedup"]) is emulated
+    assert result["measured_batch"] == (machine.PROBE_FIRST_BATCH if emulated else 100)
+    if emulated:
+        assert result["speedup"] == pytest.approx(0.2, rel=0.3) and len(looked) == len(model.calls)
 
 
 def launch(args: list[str], cwd, nproc: int, **extra: str | None) -> subprocess.CompletedProcess:
