@@ -40,9 +40,8 @@ PROBE_STEPS = 2  # timed steps of each precision, after one untimed step; the le
 # A first look at this many images, on one thread timed by its own CPU time: a bf16 step this many times
 # slower than fp32's there is emulated bf16 (no AVX512-BF16/AMX), whatever the batch, and the probe ends
 # (seconds, not a minute, on AVX2). The CPU time of one thread is what other processes cannot lengthen:
-# beside a busy test suite, wall-clock steps on two threads read an AVX2 CPU's emulated bf16 as 0.2-0.6x
-# fp32 (its short fp32 kernels wait on a descheduled thread at every barrier), and it went unseen; one
-# thread's CPU time read 0.09-0.12x there, as it does idle.
+# beside the busy test suite, one wall-clock step of each read an AVX2 EPYC's emulated bf16 as 0.06-0.58x
+# fp32 (and CI missed it once); its CPU time 0.07-0.13x, as idle.
 PROBE_FIRST_BATCH = 16
 PROBE_FIRST_STEPS = 1
 EMULATED_SLOWDOWN = 4
