@@ -162,19 +162,21 @@ def wait_for(cluster, job_id, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEO
 
 
 def test_a_slurm_time_budget_is_the_jobs_time_left_less_its_margin(cluster, tmp_path):
-    """--time-budget slurm-95s in a job of 2 minutes (USR1 5 s before its end, which SLURM may send up to
-    a minute early): the budget is what squeue gave the job when training planned, less 95 s; the job ends
-    within it, evaluated, not requeued."""
-    out = tmp_path / "run"
+    """--time-budget slurm-80s in a job of 2 minutes (USR1 5 s before its end, which SLURM may send up to
+    a minute early: 55 s in at the earliest): the budget is what squeue gave the job when training planned,
+    less 80 s (the job ends 40 s in, and its end); the job ends within it, evaluated, not requeued. The
+    job's start-up before the plan took 11 s, and 31 s as a fresh machine's first job (slurm-95s was
+    refused there: 89 s left)."""
+    out, margin = tmp_path / "run", 80
     j = sbatch(cluster, "train.sh", ["--nodes=1", "--cpus-per-task=1", "--time=2", "--signal=B:USR1@5"],
-               [*TINY_MODEL, "--time-budget", "slurm-95s", "--output-dir", str(out)], tmp_path)
+               [*TINY_MODEL, "--time-budget", f"slurm-{margin}s", "--output-dir", str(out)], tmp_path)
     info = wait_for(cluster, j, timeout=150)
     log = (tmp_path / f"slurm-{j}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-3000:]
     plan = summary(out)["time_budget"]
     assert f"time budget {plan['budget_s']:.0f}s: " in log
-    left = plan["budget_s"] - plan["started_after_s"] + 95  # squeue's time left when the plan was made
-    assert 80 <= left <= 120, plan  # the job's 2 minutes, less its start-up before the plan (busy: seconds)
+    left = plan["budget_s"] - plan["started_after_s"] + margin  # squeue's time left when the plan was made
+    assert margin < left <= 120, plan  # the job's 2 minutes, less its start-up before the plan
     assert plan["used_s"] <= plan["budget_s"] + BUDGET_END_UNDER_LOAD_S and "test_acc" in metrics(out)[-1]
 
 
