@@ -555,7 +555,7 @@ def keep_to_budget(run: Run) -> None:
     then = next(p for p in run.paces if p[0] >= state.step - window or p is run.paces[-2])
     now = run.paces[-1]
     step_s = (now[1] - then[1] - (now[2] - then[2])) / max(1, now[0] - then[0])
-    eval_s = run.eval_seconds[1] or plan.eval_s
+    eval_s = budget.end_estimate(plan, step_s, run.eval_seconds[1])
     spent, step_s, eval_s = broadcast_object_list([now[1] + run.resumed_seconds, step_s, eval_s])
     why = budget.replan(plan, state.step, spent, step_s, eval_s, cfg.eval_every)
     if why is None:

@@ -72,6 +72,18 @@ def test_the_plan_moves_to_the_pace_measured_behind_or_well_ahead():
     assert budget.replan(close, 100, spent_s=16.4, step_s=0.1, eval_s=1 / 6, eval_every=2) is None  # a step ahead
 
 
+def test_until_an_evaluation_is_measured_its_estimate_slows_with_the_steps():
+    _, plan = plan60()
+    assert budget.end_estimate(plan, plan.step_s * 3, None) == pytest.approx(plan.eval_s * 3)  # a busy machine
+    assert budget.end_estimate(plan, plan.step_s / 2, None) == plan.eval_s  # faster: the plan's, not less
+    assert budget.end_estimate(plan, plan.step_s * 3, 0.5) == 0.5  # measured: as measured
+    # three times slower before any evaluation: the plan keeps three evaluations' time free for the end
+    slow, slowed = plan60()[1], plan60()[1]
+    budget.replan(slow, 100, 20.0, plan.step_s * 3, plan.eval_s, eval_every=2)
+    budget.replan(slowed, 100, 20.0, plan.step_s * 3, budget.end_estimate(plan, plan.step_s * 3, None), eval_every=2)
+    assert slowed.steps < slow.steps
+
+
 BUDGETED = [*TINY, "--time-budget", "20s"]
 SLOW = dict(CIFAR_DIST_SLOW_STEP="0.15")  # 20 steps an epoch: 3 s more an epoch than the plan measured
 # 30 s, not 20: on a busy machine (the suite's other workers) the start-up took 8 of 20 s, and the first
