@@ -151,7 +151,7 @@ def emulated_bf16() -> str:
     if not machine.emulated(look["speedup"]):
         return ""
     return (f"this CPU's bf16 is emulated (torch CPU capability {torch.backends.cpu.get_cpu_capability()}): a seed3 "
-            f"step at {look['measured_batch']} images on one thread ran at {look['speedup']:.2f}x fp32's speed")
+            f"step ({machine.measured_on(look)}) ran at {look['speedup']:.2f}x fp32's speed")
 
 
 def presets_table(a: argparse.Namespace, bf16: bool = True) -> list[dict]:

@@ -333,6 +333,14 @@ def step_seconds(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
                 measured_batch=batch, measured_threads=torch.get_num_threads())
 
 
+def measured_on(result: dict[str, Any]) -> str:
+    """Where a probe's answer was measured: 'batch 16 on 1 thread' (the first look's batch where it ended
+    there; the threads absent from a cache written before they were recorded)."""
+    n = result.get("measured_threads")
+    threads = f" on {n} thread{'s' if n != 1 else ''}" if n else ""
+    return f"batch {result.get('measured_batch', result.get('batch'))}{threads}"
+
+
 def probe(cfg: Config, processes: int) -> dict[str, Any]:
     """The bf16/fp32 speed of this run's training step on this CPU: from the cache, else measured and cached."""
     batch = probe_batch(cfg, processes)

@@ -367,10 +367,7 @@ def precision_line(run: Run) -> str:
         notes.append("accelerate launch's 'no' above is its default, not a choice: --mixed-precision no for fp32")
     line = f"precision: {chosen}" + (f" ({'; '.join(notes)})" if notes else "")
     if probe := c["precision_probe"]:
-        batch = probe.get("measured_batch", probe["batch"])  # emulated bf16 is plain at the probe's first look
-        n = probe.get("measured_threads")  # absent from a cache written before it was recorded
-        threads = f" on {n} thread{'s' if n != 1 else ''}" if n else ""
-        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU (batch {batch}{threads}, "
+        line += (f"; bf16 step {probe['speedup']:.2f}x fp32's speed on this CPU ({machine.measured_on(probe)}, "
                  f"{'cached' if probe['cached'] else 'measured now'})")
     return line
 
