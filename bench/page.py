@@ -52,13 +52,25 @@ def where(r: dict[str, Any]) -> dict[str, str]:
     return {"date": r["date"], "machine": r["machine"], "command": f"<code>{command}</code>"}
 
 
+# Recipes changed after records were made with them: the recipe, the date its new settings began, and the
+# flags that give its old settings back. A record from before, spelling none of them out, says so.
+RECIPE_CHANGES = [("seed", "2026-12-08 04:00 UTC", "--optimizer sgd")]
+
+
+def recipe_label(r: dict[str, Any]) -> str:
+    for recipe, since, flags in RECIPE_CHANGES:
+        if r["recipe"] == recipe and r["date"] < since and flags.split()[0] not in r.get("train_args", []):
+            return f"{recipe} before {since[:10]} (now `--recipe {recipe} {flags}`)"
+    return r["recipe"]
+
+
 def accuracy_rows(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     def spread(r: dict[str, Any]) -> str:
         seconds = r.get("train_seconds") or []
         if len(seconds) > 1:
             return f"{min(seconds):,}–{max(seconds):,} s"
         return f"{seconds[0]:,} s" if seconds else ""
-    return [{"preset / recipe": f"`{r['preset']}` / {r['recipe']}", "epochs": r["epochs"],
+    return [{"preset / recipe": f"`{r['preset']}` / {recipe_label(r)}", "epochs": r["epochs"],
              "training PFLOP": f"{r['train_flops'] / 1e15:.3f}",
              "test accuracy": (f"**{r['mean']:.2f} ± {r['std']:.2f} %** (n={r['n']}: {joined(r['test_acc'])})"
                                if r["n"] > 1 else f"**{r['mean']:.2f} %** (n=1)"),

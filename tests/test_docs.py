@@ -157,3 +157,15 @@ def test_the_results_pictures_are_drawn_from_the_records_and_a_runs_own(tmp_path
     (record,) = page.records("pictures", results)
     assert record["test_acc"] == summary(run_dir)["test_acc"] and record["epochs"] == 1
     assert f"{100 * record['test_acc']:.2f} %" in page.render("pictures", results)
+
+
+def test_a_record_made_before_its_recipe_changed_names_the_flags_that_give_it_back():
+    from bench import page
+
+    old = dict(preset="seed3", recipe="seed", date="2026-12-07 13:59 UTC", train_args=["--recipe", "seed"],
+               epochs=20, train_flops=1e15, mean=89.33, std=0.0, n=1, test_acc=[89.33], command="c", machine="m")
+    spelled = {**old, "train_args": ["--recipe", "seed", "--optimizer", "sgd"]}
+    new = {**old, "date": "2026-12-08 04:03 UTC"}
+    labels = [row["preset / recipe"] for row in page.accuracy_rows([old, spelled, new])]
+    assert labels == ["`seed3` / seed before 2026-12-08 (now `--recipe seed --optimizer sgd`)", "`seed3` / seed",
+                      "`seed3` / seed"]
